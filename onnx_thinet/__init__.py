@@ -1,0 +1,33 @@
+"""onnx-thinet: ThiNet filter pruning for ONNX CNNs, giving a structurally thinner ONNX graph."""
+
+from __future__ import annotations
+
+from onnx_thinet.analysis import Analysis, analyze
+from onnx_thinet.channels import ChannelGroup, Consumer, Coupled, ParamSlice, Skipped
+from onnx_thinet.data import Preprocess, load_calibration, parse_preprocess
+from onnx_thinet.errors import ThinetError
+from onnx_thinet.graph import canonicalize, load_model, save_model_atomic
+from onnx_thinet.slim import GroupResult, SlimConfig, SlimResult, slim
+
+__all__ = [
+    "Analysis",
+    "ChannelGroup",
+    "Consumer",
+    "Coupled",
+    "GroupResult",
+    "ParamSlice",
+    "Preprocess",
+    "SlimConfig",
+    "SlimResult",
+    "Skipped",
+    "ThinetError",
+    "analyze",
+    "canonicalize",
+    "load_calibration",
+    "load_model",
+    "parse_preprocess",
+    "save_model_atomic",
+    "slim",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,257 @@
+"""Calibration engine: stream batches through onnxruntime and accumulate ThiNet statistics.
+
+For every consumer of a group we sample (image, output unit, location) triples and record
+x̂_c, the contribution of input channel c to that output, and the target ŷ. Only the sufficient
+statistics XᵀX, Xᵀŷ and ‖ŷ‖² (plus activation zero counts for APoZ) are kept, so memory does
+not depend on the number of calibration images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnx_thinet.channels import ChannelGroup, Consumer, sum_per_channel
+from onnx_thinet.data import CalibrationData
+from onnx_thinet.runtime import make_session, truncated_model
+
+__all__ = [
+    "ConsumerStats",
+    "collect_statistics",
+    "conv_contributions",
+    "conv_positions",
+    "linear_contributions",
+    "linear_positions",
+    "samples_per_image",
+]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class ConsumerStats:
+    """Running sufficient statistics of one consumer's sampled reconstruction problem."""
+
+    channels: int
+    gram: np.ndarray = field(init=False)
+    corr: np.ndarray = field(init=False)
+    target_sq: float = 0.0
+    samples: int = 0
+    zeros: np.ndarray = field(init=False)
+    elements: int = 0
+
+    def __post_init__(self) -> None:
+        self.gram = np.zeros((self.channels, self.channels))
+        self.corr = np.zeros(self.channels)
+        self.zeros = np.zeros(self.channels)
+
+    def add(self, contributions: np.ndarray, target: np.ndarray) -> None:
+        x = contributions.astype(np.float64)
+        y = target.astype(np.float64)
+        self.gram += x.T @ x
+        self.corr += x.T @ y
+        self.target_sq += float(y @ y)
+        self.samples += len(y)
+
+    def merged(self, other: ConsumerStats) -> ConsumerStats:
+        out = ConsumerStats(self.channels)
+        out.gram = self.gram + other.gram
+        out.corr = self.corr + other.corr
+        out.target_sq = self.target_sq + other.target_sq
+        out.samples = self.samples + other.samples
+        out.zeros = self.zeros + other.zeros
+        out.elements = self.elements + other.elements
+        return out
+
+
+def samples_per_image(channels: int, images: int, requested: int | None) -> int:
+    """Enough samples for a well-posed fit: ≥ 10 per image (the paper) and ≥ 20× the channels."""
+    if requested:
+        return requested
+    return max(10, math.ceil(20 * channels / max(images, 1)))
+
+
+def collect_statistics(
+    model: onnx.ModelProto,
+    groups: Sequence[ChannelGroup],
+    data: CalibrationData,
+    indices: np.ndarray,
+    *,
+    batch_size: int = 32,
+    per_image: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    reference: onnx.ModelProto | None = None,
+    progress: Progress | None = None,
+) -> dict[str, dict[str, ConsumerStats]]:
+    """One streamed pass over `indices` gathering statistics for all `groups` at once.
+
+    `model` is the network as pruned so far; with `reference` (the original network) the
+    targets ŷ come from it instead, so reconstruction also corrects earlier layers' error.
+    Returns stats[group.producer][consumer.node].
+    """
+    tensors = sorted({c.input for g in groups for c in g.consumers})
+    session = make_session(truncated_model(model, tensors), device)
+    ref_session = make_session(truncated_model(reference, tensors), device) if reference else None
+    weights = {c.node: _consumer_weight(model, c) for g in groups for c in g.consumers}
+    ref_weights = (
+        {c.node: _consumer_weight(reference, c) for g in groups for c in g.consumers} if reference else {}
+    )
+    nodes = {n.name: n for n in model.graph.node}
+    stats = {g.producer: {c.node: ConsumerStats(g.channels) for c in g.consumers} for g in groups}
+    rng = np.random.default_rng(seed)
+    for start in range(0, len(indices), batch_size):
+        feeds = data.batch(indices[start : start + batch_size])
+        values = dict(zip(tensors, session.run(tensors, feeds)))
+        ref_values = dict(zip(tensors, ref_session.run(tensors, feeds))) if ref_session else {}
+        for group in groups:
+            count = samples_per_image(group.channels, len(indices), per_image)
+            for consumer in group.consumers:
+                x = values[consumer.input]
+                sampler = _sampler(consumer, nodes[consumer.node], x.shape, weights[consumer.node],
+                                   count, rng)
+                contrib = sampler(x, weights[consumer.node])
+                if ref_session is not None:
+                    target = sampler(ref_values[consumer.input], ref_weights[consumer.node]).sum(axis=1)
+                else:
+                    target = contrib.sum(axis=1)
+                entry = stats[group.producer][consumer.node]
+                entry.add(sum_per_channel(contrib, group.channels, consumer.weight.inner), target)
+                _count_zeros(entry, x, consumer, group.channels)
+        if progress is not None:
+            progress(len(feeds[next(iter(feeds))]))
+    return stats
+
+
+def _sampler(consumer: Consumer, node, x_shape, weight, count: int, rng):
+    """Draw sample positions once; the returned function evaluates them on any (x, weight)."""
+    if consumer.kind == "conv":
+        geometry = _conv_geometry(node, x_shape, weight.shape)
+        positions = conv_positions(x_shape[0], weight.shape[0], geometry, count, rng)
+        return lambda x, w: conv_contributions(x, w, geometry, positions)
+    rows = int(np.prod(x_shape[:-1], dtype=np.int64))
+    positions = linear_positions(rows, weight.shape[1], count, rng)
+    return lambda x, w: linear_contributions(x, w, positions)
+
+
+def _consumer_weight(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray:
+    """The consumer's weight as stored for conv, or as a [K, F] matrix (alpha folded) for linear."""
+    node = next(n for n in model.graph.node if n.name == consumer.node)
+    name = node.input[consumer.weight.input_index]
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    weight = numpy_helper.to_array(tensor).astype(np.float32)
+    if consumer.kind == "conv":
+        return weight
+    if consumer.transpose:
+        weight = weight.T
+    alpha = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "alpha"), 1.0)
+    return weight * np.float32(alpha)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads_begin: tuple[int, int]
+    out_size: tuple[int, int]
+
+
+def _conv_geometry(node: onnx.NodeProto, x_shape, w_shape) -> ConvGeometry:
+    """Strides, dilations, explicit begin pads and output size of a 1-D or 2-D Conv."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    spatial = len(w_shape) - 2
+    strides = list(attrs.get("strides", [1] * spatial))
+    dilations = list(attrs.get("dilations", [1] * spatial))
+    kernel = list(w_shape[2:])
+    size = list(x_shape[2:])
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads = list(attrs.get("pads", [0] * (2 * spatial)))
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * spatial)
+        for i in range(spatial):
+            out = -(-size[i] // strides[i])
+            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size[i], 0)
+            small = total // 2
+            pads[i], pads[i + spatial] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * spatial)
+    out_size = [
+        (size[i] + pads[i] + pads[i + spatial] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
+        for i in range(spatial)
+    ]
+    if spatial == 1:
+        return ConvGeometry((1, strides[0]), (1, dilations[0]), (0, pads[0]), (1, out_size[0]))
+    return ConvGeometry(tuple(strides), tuple(dilations), (pads[0], pads[1]), tuple(out_size))
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Sampled outputs: for each sample its row (image), output unit and, for convs, window."""
+
+    row: np.ndarray
+    unit: np.ndarray
+    top: np.ndarray | None = None
+    left: np.ndarray | None = None
+
+
+def conv_positions(
+    images: int, filters: int, geometry: ConvGeometry, per_image: int, rng: np.random.Generator
+) -> Positions:
+    row = np.repeat(np.arange(images), per_image)
+    oh, ow = geometry.out_size
+    return Positions(
+        row=row,
+        unit=rng.integers(0, filters, size=row.size),
+        top=rng.integers(0, oh, size=row.size) * geometry.strides[0] - geometry.pads_begin[0],
+        left=rng.integers(0, ow, size=row.size) * geometry.strides[1] - geometry.pads_begin[1],
+    )
+
+
+def conv_contributions(
+    x: np.ndarray, weight: np.ndarray, geometry: ConvGeometry, at: Positions
+) -> np.ndarray:
+    """x̂ per input channel at sampled (filter, location) outputs of a group=1 Conv.
+
+    Returns (S, C_in): Σ over the kernel window of W[f, c] · x[c, window], zero padding
+    included, so each row sums to the conv output minus bias.
+    """
+    if x.ndim == 3:
+        x, weight = x[:, :, None, :], weight[:, :, None, :]
+    _, c, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    rows = at.top[:, None] + np.arange(kh)[None, :] * geometry.dilations[0]
+    cols = at.left[:, None] + np.arange(kw)[None, :] * geometry.dilations[1]
+    patches = x[at.row[:, None, None, None], np.arange(c)[None, :, None, None],
+                np.clip(rows, 0, h - 1)[:, None, :, None], np.clip(cols, 0, w - 1)[:, None, None, :]]
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    patches = np.where(inside[:, None, :, :], patches, 0.0)
+    return np.einsum("sckl,sckl->sc", patches, weight[at.unit], dtype=np.float64)
+
+
+def linear_positions(rows: int, units: int, per_row: int, rng: np.random.Generator) -> Positions:
+    row = np.repeat(np.arange(rows), per_row)
+    return Positions(row=row, unit=rng.integers(0, units, size=row.size))
+
+
+def linear_contributions(a: np.ndarray, weight: np.ndarray, at: Positions) -> np.ndarray:
+    """x̂_k = a[row, k] · W[k, f] at the sampled (row, unit) outputs; (S, K)."""
+    rows = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    return rows[at.row] * weight[:, at.unit].T
+
+
+def _count_zeros(entry: ConsumerStats, x: np.ndarray, consumer: Consumer, channels: int) -> None:
+    """Zero counts per channel of the consumer's input (APoZ)."""
+    axis = 1 if consumer.kind == "conv" else x.ndim - 1
+    moved = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+    per_position = (moved == 0).sum(axis=0, dtype=np.float64)
+    entry.zeros += sum_per_channel(per_position, channels, consumer.weight.inner)
+    entry.elements += moved.shape[0] * (x.shape[axis] // channels)

@@ -1,0 +1,272 @@
+"""Calibration data: .npy / .npz arrays or an image folder, checked against the model's inputs.
+
+Arrays are memory-mapped and images decoded per batch, so memory does not grow with the
+size of the calibration set.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnx_thinet.errors import ThinetError
+from onnx_thinet.runtime import ONNX_TO_NUMPY, graph_inputs
+
+__all__ = [
+    "PRESETS",
+    "ArrayData",
+    "CalibrationData",
+    "ImageFolderData",
+    "Preprocess",
+    "load_calibration",
+    "parse_preprocess",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image file becomes a model input (sizes and layout default to the model's)."""
+
+    size: int | None = None  # square crop side
+    resize: int | None = None  # shorter side before the centre crop; None: resize to `size`
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    scale: float = 1.0 / 255.0  # applied to 0..255 pixels before mean/std
+    bgr: bool = False
+    layout: str | None = None  # "NCHW" or "NHWC"
+
+
+PRESETS = {
+    "imagenet": Preprocess(resize=256, size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    "caffe": Preprocess(resize=256, size=224, mean=(103.939, 116.779, 123.68), scale=1.0, bgr=True),
+    "unit": Preprocess(),
+}
+
+
+def parse_preprocess(spec: str) -> Preprocess:
+    """`PRESET[,key=value...]`, e.g. `imagenet,size=160,layout=nhwc` or `unit,mean=0.5,std=0.5`."""
+    name, *overrides = [p.strip() for p in spec.split(",") if p.strip()]
+    if name not in PRESETS:
+        raise ThinetError(f"--preprocess: unknown preset {name!r} (choose {', '.join(PRESETS)})")
+    pre = PRESETS[name]
+    for item in overrides:
+        key, _, value = item.partition("=")
+        try:
+            pre = _override(pre, key.strip().lower(), value.strip())
+        except ValueError:
+            raise ThinetError(f"--preprocess: cannot read {item!r}") from None
+    return pre
+
+
+def _override(pre: Preprocess, key: str, value: str) -> Preprocess:
+    floats = tuple(float(v) for v in value.split(":")) if key in ("mean", "std") else None
+    if key in ("size", "resize"):
+        return replace(pre, **{key: int(value)})
+    if key in ("mean", "std"):
+        return replace(pre, **{key: floats if len(floats) > 1 else floats * 3})
+    if key == "scale":
+        return replace(pre, scale=float(value))
+    if key == "layout" and value.upper() in ("NCHW", "NHWC"):
+        return replace(pre, layout=value.upper())
+    if key == "bgr":
+        return replace(pre, bgr=value.lower() in ("1", "true", "yes"))
+    raise ValueError(key)
+
+
+class CalibrationData(abc.ABC):
+    """A set of samples for the model's inputs, read one batch of indices at a time."""
+
+    names: tuple[str, ...]
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class ArrayData(CalibrationData):
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        lengths = {len(a) for a in arrays.values()}
+        if len(lengths) != 1:
+            raise ThinetError("calibration arrays have different numbers of samples")
+        self.arrays = arrays
+        self.names = tuple(arrays)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        order = np.sort(indices)  # sorted reads are cheap on a memory map
+        return {k: np.ascontiguousarray(a[order]) for k, a in self.arrays.items()}
+
+
+class ImageFolderData(CalibrationData):
+    def __init__(self, files: list[Path], name: str, dims: tuple, pre: Preprocess):
+        self.files, self.names, self.dims, self.pre = files, (name,), dims, pre
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        images = [_read_image(self.files[i], self.dims, self.pre) for i in np.sort(indices)]
+        return {self.names[0]: np.stack(images)}
+
+
+def load_calibration(
+    path: str | os.PathLike, model: onnx.ModelProto, preprocess: Preprocess | None = None
+) -> CalibrationData:
+    """Open CALIB for `model` and check every input's shape and dtype against the graph."""
+    path = Path(path)
+    if not path.exists():
+        raise ThinetError(f"{path}: no such calibration file or folder")
+    inputs = graph_inputs(model)
+    if path.is_dir():
+        return _image_folder(path, inputs, preprocess or PRESETS["unit"])
+    if path.suffix == ".npy":
+        if len(inputs) != 1:
+            raise ThinetError(f"{path}: a .npy feeds one input, the model has {len(inputs)}; use .npz")
+        arrays = {inputs[0].name: _load_npy(path)}
+    elif path.suffix == ".npz":
+        arrays = _load_npz(path)
+    else:
+        raise ThinetError(f"{path}: calibration data must be .npy, .npz or a folder of images")
+    return ArrayData(_check_arrays(path, arrays, inputs))
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise ThinetError(f"{path}: not a readable .npy array ({exc})") from None
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise ThinetError(f"{path}: not a readable .npz archive ({exc})") from None
+
+
+def _check_arrays(path: Path, arrays: dict[str, np.ndarray], inputs) -> dict[str, np.ndarray]:
+    names = [i.name for i in inputs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise ThinetError(f"{path}: no array for model input(s) {missing} (found {sorted(arrays)})")
+    checked = {}
+    for inp in inputs:
+        array = arrays[inp.name]
+        want = ONNX_TO_NUMPY.get(inp.type.tensor_type.elem_type)
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+        if array.ndim != len(dims) or any(d and d != s for d, s in zip(dims[1:], array.shape[1:])):
+            shown = ["?" if d is None else d for d in dims]
+            raise ThinetError(
+                f"{path}: array {inp.name!r} has shape {tuple(array.shape)}, model input expects {shown}"
+            )
+        if len(array) == 0:
+            raise ThinetError(f"{path}: array {inp.name!r} holds no samples")
+        if want is not None and array.dtype != want:
+            if not (np.issubdtype(array.dtype, np.floating) and np.issubdtype(want, np.floating)):
+                raise ThinetError(
+                    f"{path}: array {inp.name!r} is {array.dtype}, model input expects {np.dtype(want)}"
+                )
+            array = _CastView(array, want)
+        checked[inp.name] = array
+    return checked
+
+
+class _CastView:
+    """Casts float data to the model's float type one batch at a time (keeps the memory map)."""
+
+    def __init__(self, array: np.ndarray, dtype):
+        self.array, self.dtype = array, np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index):
+        return np.asarray(self.array[index], dtype=self.dtype)
+
+
+def _image_folder(path: Path, inputs, pre: Preprocess) -> ImageFolderData:
+    if len(inputs) != 1:
+        raise ThinetError(f"{path}: an image folder feeds one input, the model has {len(inputs)}")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ThinetError(f"{path}: no image files (.jpg, .png, ...) in the folder")
+    inp = inputs[0]
+    if inp.type.tensor_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+        raise ThinetError(f"{path}: model input {inp.name!r} is not float; feed a .npy instead")
+    dims = _image_dims(inp, pre)
+    data = ImageFolderData(files, inp.name, dims, pre)
+    try:
+        data.batch(np.arange(1))
+    except ThinetError:
+        raise
+    except Exception as exc:
+        raise ThinetError(f"{path}: cannot use images ({exc})") from None
+    return data
+
+
+def _image_dims(inp: onnx.ValueInfoProto, pre: Preprocess) -> tuple[int, int, int | None, int]:
+    """(channels, crop size, resize, layout code) from the model's input and the preprocessing.
+
+    A static input size wins over the preset's; the preset's resize keeps its ratio to it.
+    """
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in inp.type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise ThinetError(f"model input {inp.name!r} is not 4-D; an image folder cannot feed it")
+    layout = pre.layout or ("NHWC" if dims[3] in (1, 3) and dims[1] not in (1, 3) else "NCHW")
+    channels = dims[1] if layout == "NCHW" else dims[3]
+    side = dims[2] if layout == "NCHW" else dims[1]
+    size = side or pre.size or 224
+    resize = None
+    if pre.resize:
+        resize = round(pre.resize * size / pre.size) if pre.size else pre.resize
+    return (channels or 3, size, resize, 0 if layout == "NCHW" else 1)
+
+
+def _read_image(file: Path, dims: tuple, pre: Preprocess) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    channels, size, resize, layout = dims
+    try:
+        with Image.open(file) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            img = _resize_crop(img, size, resize)
+            pixels = np.asarray(img, dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ThinetError(f"{file}: unreadable image ({exc})") from None
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pre.bgr:
+        pixels = pixels[:, :, ::-1]
+    mean = np.asarray(pre.mean[:channels], dtype=np.float32)
+    std = np.asarray(pre.std[:channels], dtype=np.float32)
+    pixels = (pixels * pre.scale - mean) / std
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1) if layout == 0 else pixels)
+
+
+def _resize_crop(img, size: int, resize: int | None):
+    from PIL import Image
+
+    if resize is None:
+        return img.resize((size, size), Image.Resampling.BILINEAR)
+    w, h = img.size
+    ratio = resize / min(w, h)
+    img = img.resize((max(size, round(w * ratio)), max(size, round(h * ratio))), Image.Resampling.BILINEAR)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))

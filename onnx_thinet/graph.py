@@ -1,0 +1,334 @@
+"""Graph I/O and canonicalization: load, simplify, index, infer shapes, save atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_thinet.errors import ThinetError
+
+__all__ = [
+    "GraphIndex",
+    "canonicalize",
+    "infer_shapes",
+    "load_model",
+    "save_model_atomic",
+    "static_input_shapes",
+    "tensor_shape",
+]
+
+logger = logging.getLogger(__name__)
+
+# Protobuf refuses to serialise a single message above 2 GiB; leave headroom.
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file (with any external data beside it) or explain in one line why not."""
+    path = Path(path)
+    if not path.exists():
+        raise ThinetError(f"{path}: no such file")
+    if path.is_dir():
+        raise ThinetError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several unrelated types for bad bytes
+        raise ThinetError(f"{path}: not a readable ONNX model ({_one_line(exc)})") from None
+    if not model.graph.node:
+        raise ThinetError(f"{path}: not a readable ONNX model (the graph has no nodes)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ThinetError(f"{path}: the ONNX checker rejects the model ({_one_line(exc)})") from None
+    return model
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> int:
+    """Write `model` so that `path` appears whole or not at all; return the bytes written.
+
+    Models above ~2 GB are stored with their weights in `<name>.data` beside the file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
+            return _save_external(model, path, Path(tmp))
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, path)
+        return path.stat().st_size
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_external(model: onnx.ModelProto, path: Path, tmp: Path) -> int:
+    data_name = path.name + ".data"
+    tmp_data = tmp.with_name(tmp.name + ".data")
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    onnx.save_model(
+        model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=tmp_data.name, size_threshold=1024,
+    )
+    # The location recorded in the graph must name the final data file, not the temp one.
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    with open(tmp, "wb") as f:
+        f.write(model.SerializeToString())
+    os.replace(tmp_data, path.with_name(data_name))
+    os.replace(tmp, path)
+    return path.stat().st_size + path.with_name(data_name).stat().st_size
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference that never fails the run: a model without shapes is still a model."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        logger.warning("shape inference failed: %s", _one_line(exc))
+        return model
+
+
+def static_input_shapes(
+    model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]] | None = None
+) -> onnx.ModelProto:
+    """Copy of `model` whose graph inputs have concrete dims (batch 1 unless `fixed` says)."""
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    init_names = {i.name for i in out.graph.initializer}
+    for inp in out.graph.input:
+        if inp.name in init_names:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        want = (fixed or {}).get(inp.name)
+        for k, d in enumerate(dims):
+            value = want[k] if want is not None and k < len(want) else None
+            if value is None:
+                value = d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+                if k == 0:
+                    value = 1
+            d.Clear()
+            d.dim_value = int(value)
+    del out.graph.value_info[:]
+    return infer_shapes(out)
+
+
+def tensor_shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
+    """Dims of a value: ints where known, symbol names where symbolic, None where unknown."""
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    dims: list[int | str | None] = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def canonicalize(model: onnx.ModelProto, simplify: bool = True) -> onnx.ModelProto:
+    """Bring an exported graph into the plain form the channel rules understand.
+
+    Constants become initializers, then onnx-simplifier folds shape arithmetic and
+    onnxruntime's basic optimizer removes no-op nodes. Each step is checked against the
+    input's outputs on random data and dropped if it changes them or fails.
+    """
+    model = _name_nodes(_constants_to_initializers(model))
+    if not simplify:
+        return infer_shapes(model)
+    for name, step in (("onnxsim", _simplify_onnxsim), ("onnxruntime", _optimize_ort_basic)):
+        try:
+            candidate = step(model)
+        except Exception as exc:
+            logger.info("%s canonicalization skipped: %s", name, _one_line(exc))
+            continue
+        if _same_outputs(model, candidate):
+            model = candidate
+        else:
+            logger.info("%s canonicalization changed outputs; skipped", name)
+    return infer_shapes(_name_nodes(_constants_to_initializers(model)))
+
+
+def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node a unique name (existing names are kept) so reports and rewrites can cite it."""
+    seen: set[str] = set()
+    for pos, node in enumerate(model.graph.node):
+        name = node.name
+        if not name or name in seen:
+            base = name or f"{node.op_type}_{pos}"
+            name, k = base, 1
+            while name in seen:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+        seen.add(name)
+    return model
+
+
+def _simplify_onnxsim(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxsim
+
+    simplified, ok = onnxsim.simplify(model, check_n=0, skip_shape_inference=False)
+    if not ok:
+        raise RuntimeError("onnxsim could not validate its result")
+    return _restore_model_fields(model, simplified)
+
+
+def _optimize_ort_basic(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "opt.onnx")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = out
+        opts.log_severity_level = 3
+        ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+        optimized = onnx.load(out)
+    if any(n.domain not in ("", "ai.onnx") for n in optimized.graph.node):
+        raise RuntimeError("optimizer introduced non-standard ops")
+    return _restore_model_fields(model, optimized)
+
+
+def _restore_model_fields(source: onnx.ModelProto, target: onnx.ModelProto) -> onnx.ModelProto:
+    """Keep what a user's serving stack may key on: metadata, producer, doc, graph name."""
+    del target.metadata_props[:]
+    target.metadata_props.extend(source.metadata_props)
+    target.producer_name = source.producer_name
+    target.producer_version = source.producer_version
+    target.doc_string = source.doc_string
+    target.model_version = source.model_version
+    target.graph.name = source.graph.name
+    target.ir_version = source.ir_version
+    del target.opset_import[:]
+    target.opset_import.extend(source.opset_import)
+    return target
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            try:
+                value = _constant_value(node)
+            except ValueError:
+                keep.append(node)
+                continue
+            graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+    attr = node.attribute[0] if node.attribute else None
+    if attr is None:
+        raise ValueError("empty Constant")
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name == "value_float":
+        return np.array(attr.f, dtype=np.float32)
+    if attr.name == "value_floats":
+        return np.array(list(attr.floats), dtype=np.float32)
+    if attr.name == "value_int":
+        return np.array(attr.i, dtype=np.int64)
+    if attr.name == "value_ints":
+        return np.array(list(attr.ints), dtype=np.int64)
+    raise ValueError(f"Constant with {attr.name}")
+
+
+def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    from onnx_thinet.runtime import random_inputs, run_model
+
+    try:
+        feeds = random_inputs(a, batch=2, seed=0)
+        out_a = run_model(a, feeds)
+        out_b = run_model(b, feeds)
+    except Exception as exc:
+        logger.info("could not compare canonicalized outputs: %s", _one_line(exc))
+        return False
+    for x, y in zip(out_a, out_b):
+        if x.shape != y.shape:
+            return False
+        if x.dtype.kind == "f":
+            scale = max(float(np.abs(x).max(initial=0.0)), 1e-6)
+            if float(np.abs(x - y).max(initial=0.0)) > 1e-4 * scale:
+                return False
+        elif not np.array_equal(x, y):
+            return False
+    return len(out_a) == len(out_b)
+
+
+@dataclass
+class GraphIndex:
+    """Read-only lookups over a graph: who produces and who reads each tensor, constants, shapes."""
+
+    model: onnx.ModelProto
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = field(default_factory=dict)
+    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    shapes: dict[str, tuple[int | str | None, ...]] = field(default_factory=dict)
+    graph_outputs: set[str] = field(default_factory=set)
+    order: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, model: onnx.ModelProto) -> GraphIndex:
+        index = cls(model)
+        graph = model.graph
+        for pos, node in enumerate(graph.node):
+            index.order[node.name] = pos
+            for out in node.output:
+                if out:
+                    index.producer[out] = node
+            for k, name in enumerate(node.input):
+                if name:
+                    index.uses.setdefault(name, []).append((node, k))
+        index.initializers = {t.name: t for t in graph.initializer}
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            shape = tensor_shape(vi)
+            if shape is not None:
+                index.shapes[vi.name] = shape
+        index.graph_outputs = {o.name for o in graph.output}
+        return index
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of an initializer, or None when the tensor is computed at run time."""
+        tensor = self.initializers.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)
+
+    def dim(self, name: str, axis: int) -> int | None:
+        shape = self.shapes.get(name)
+        if shape is None or axis >= len(shape):
+            return None
+        value = shape[axis]
+        return value if isinstance(value, int) else None
+
+    def position(self, node: onnx.NodeProto) -> int:
+        return self.order[node.name]

@@ -1,0 +1,80 @@
+"""From a group's statistics to kept channels and consumer scales, for each `--method`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+
+from onnx_thinet.calibrate import ConsumerStats
+from onnx_thinet.errors import ThinetError
+from onnx_thinet.solvers import (
+    reconstruction_error,
+    rescale_least_squares,
+    select_apoz,
+    select_l1,
+    select_random,
+    select_thinet,
+    select_thinet_ls,
+)
+
+__all__ = ["METHODS", "RECONSTRUCTIONS", "Selection", "choose_channels"]
+
+METHODS = ("thinet", "thinet-ls", "l1", "apoz", "random")
+RECONSTRUCTIONS = ("none", "scale")
+
+
+@dataclass(frozen=True)
+class Selection:
+    kept: np.ndarray
+    scales: dict[str, np.ndarray] | None
+    error_before: float  # relative output error of the consumers after slicing only
+    error_after: float  # ... after the least-squares rescale
+
+
+def choose_channels(
+    method: str,
+    reconstruct: str,
+    stats: Mapping[str, ConsumerStats],
+    keep: int,
+    filter_l1: np.ndarray,
+    rng: np.random.Generator,
+) -> Selection:
+    """Pick `keep` channels with `method` (several consumers: their samples stacked) and rescale."""
+    if method not in METHODS:
+        raise ThinetError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
+    if reconstruct not in RECONSTRUCTIONS:
+        raise ThinetError(f"--reconstruct must be one of {', '.join(RECONSTRUCTIONS)}")
+    total = reduce(ConsumerStats.merged, stats.values())
+    kept = _select(method, total, keep, filter_l1, rng)
+    ones = np.ones(len(kept))
+    before = _stacked_error(stats, kept, {name: ones for name in stats})
+    if reconstruct == "none":
+        return Selection(kept, None, before, before)
+    scales = {name: rescale_least_squares(s.gram, s.corr, kept) for name, s in stats.items()}
+    return Selection(kept, scales, before, _stacked_error(stats, kept, scales))
+
+
+def _select(method: str, total: ConsumerStats, keep: int, filter_l1, rng) -> np.ndarray:
+    if keep >= total.channels:
+        return np.arange(total.channels)
+    if method == "thinet":
+        return select_thinet(total.gram, total.corr, total.target_sq, keep)
+    if method == "thinet-ls":
+        return select_thinet_ls(total.gram, total.corr, keep)
+    if method == "l1":
+        return select_l1(filter_l1, keep)
+    if method == "apoz":
+        return select_apoz(total.zeros / max(total.elements, 1), keep)
+    return select_random(total.channels, keep, rng)
+
+
+def _stacked_error(stats: Mapping[str, ConsumerStats], kept, scales) -> float:
+    squared = target = 0.0
+    for name, s in stats.items():
+        rel = reconstruction_error(s.gram, s.corr, s.target_sq, kept, scales[name])
+        squared += rel**2 * s.target_sq
+        target += s.target_sq
+    return float(np.sqrt(squared / target)) if target > 0 else 0.0

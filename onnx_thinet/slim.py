@@ -1,0 +1,286 @@
+"""The slimming pipeline: canonicalize, analyse, calibrate layer by layer, rewrite, verify."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from onnx_thinet.analysis import Analysis, analyze
+from onnx_thinet.calibrate import ConsumerStats, collect_statistics
+from onnx_thinet.channels import ChannelGroup
+from onnx_thinet.data import CalibrationData
+from onnx_thinet.errors import ThinetError
+from onnx_thinet.graph import GraphIndex, canonicalize, infer_shapes
+from onnx_thinet.metrics import count_params, total_flops
+from onnx_thinet.rewrite import apply_selection, initializer_array
+from onnx_thinet.selection import METHODS, RECONSTRUCTIONS, Selection, choose_channels
+from onnx_thinet.solvers import keep_count
+from onnx_thinet.verify import OutputComparison, check_model, compare_outputs
+
+__all__ = ["GroupResult", "SlimConfig", "SlimResult", "schedule_waves", "slim", "split_holdout"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (images done, images in all passes)
+
+
+@dataclass(frozen=True)
+class SlimConfig:
+    """Options of one slimming run; the CLI flags map one to one onto these fields."""
+
+    keep_ratio: float = 0.5
+    method: str = "thinet"
+    reconstruct: str = "scale"
+    correct: bool = False
+    seed: int = 0
+    samples_per_image: int | None = None
+    batch_size: int = 32
+    holdout: float = 0.1
+    device: str = "cpu"
+    simplify: bool = True
+    channel_multiple: int = 1
+
+    def validate(self) -> None:
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ThinetError(f"--keep-ratio must be in (0, 1] (got {self.keep_ratio})")
+        if self.method not in METHODS:
+            raise ThinetError(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        if self.reconstruct not in RECONSTRUCTIONS:
+            raise ThinetError(
+                f"--reconstruct must be one of {', '.join(RECONSTRUCTIONS)} (got {self.reconstruct!r})"
+            )
+        if not 0.0 <= self.holdout < 1.0:
+            raise ThinetError(f"--holdout must be in [0, 1) (got {self.holdout})")
+        if self.batch_size < 1 or self.channel_multiple < 1:
+            raise ThinetError("--batch-size and --channel-multiple must be at least 1")
+        if self.samples_per_image is not None and self.samples_per_image < 1:
+            raise ThinetError("--samples-per-image must be at least 1")
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    producer: str
+    consumers: tuple[str, ...]
+    channels_before: int
+    channels_after: int
+    error_before: float  # relative reconstruction error of the consumers, slicing only
+    error_after: float  # ... after rescaling
+    samples: int
+
+
+@dataclass
+class SlimResult:
+    model: onnx.ModelProto
+    analysis: Analysis
+    groups: list[GroupResult]
+    verification: OutputComparison
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    forward_passes: int
+    timings: dict[str, float] = field(default_factory=dict)
+    config: SlimConfig = field(default_factory=SlimConfig)
+
+    def report(self) -> dict:
+        """The JSON report (`--report`); its keys are a contract relied on by scripts."""
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
+            "output_rel_error": self.verification.rel_error,
+            "output_max_abs_error": self.verification.max_abs_error,
+            "top1_agreement": self.verification.top1_agreement,
+            "holdout_samples": self.verification.samples,
+            "groups": [asdict(g) | {"consumers": list(g.consumers)} for g in self.groups],
+            "coupled": [
+                {"producer": c.producer, "channels": c.channels, "node": c.node, "reason": c.reason}
+                for c in self.analysis.coupled
+            ],
+            "skipped": [
+                {"producer": s.producer, "node": s.node, "reason": s.reason} for s in self.analysis.skipped
+            ],
+            "forward_passes": self.forward_passes,
+            "seconds": round(sum(self.timings.values()), 3),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "config": asdict(self.config),
+        }
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle 0..n-1 and set aside `fraction` (at least one image when n ≥ 2) for verification.
+
+    With a single image there is nothing to hold out; it then serves both purposes.
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    held = 0 if n < 2 or fraction <= 0 else max(1, int(round(n * fraction)))
+    if held == 0:
+        return np.sort(order), np.sort(order)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def schedule_waves(model: onnx.ModelProto, groups: tuple[ChannelGroup, ...]) -> list[list[ChannelGroup]]:
+    """Batch groups into calibration passes in topological order.
+
+    A group joins the current pass unless its consumers read a tensor that an earlier group of
+    the pass will change (anything downstream of that group's consumers, which are rescaled).
+    """
+    index = GraphIndex.build(model)
+    waves: list[list[ChannelGroup]] = []
+    current: list[ChannelGroup] = []
+    changed: set[str] = set()
+    for group in groups:
+        if current and (any(c.input in changed for c in group.consumers) or group.producer in changed):
+            waves.append(current)
+            current, changed = [], set()
+        current.append(group)
+        changed |= _downstream(index, [c.node for c in group.consumers])
+    if current:
+        waves.append(current)
+    return waves
+
+
+def _downstream(index: GraphIndex, nodes: list[str]) -> set[str]:
+    """Names of `nodes`, every node after them and every tensor they or those produce."""
+    by_name = {n.name: n for n in index.model.graph.node}
+    seen, stack = set(), list(nodes)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for out in by_name[name].output:
+            seen.add(out)
+            stack.extend(n.name for n, _ in index.uses.get(out, []) if n.name not in seen)
+    return seen
+
+
+def slim(
+    model: onnx.ModelProto,
+    data: CalibrationData,
+    config: SlimConfig | None = None,
+    progress: Progress | None = None,
+) -> SlimResult:
+    """Prune every provably safe channel group of `model` to `config.keep_ratio` with ThiNet.
+
+    Groups are pruned in topological order, each from statistics of the network as already
+    pruned; the result is checked with the full ONNX checker and compared with `model` on the
+    held-out part of `data`. Raises ThinetError when nothing can be pruned.
+    """
+    config = config or SlimConfig()
+    config.validate()
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    canonical = canonicalize(model, simplify=config.simplify)
+    analysis = analyze(canonical)
+    timings["analysis"] = time.perf_counter() - clock
+    if not analysis.groups:
+        raise ThinetError(_nothing_prunable(analysis))
+    train, held = split_holdout(len(data), config.holdout, config.seed)
+    waves = schedule_waves(canonical, analysis.groups)
+    clock = time.perf_counter()
+    current, results = _prune_waves(canonical, waves, data, train, config, progress)
+    timings["calibration"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    current = _finalize(current, model)
+    check_model(current)
+    comparison = compare_outputs(model, current, data, held, config.batch_size, config.device)
+    shapes = _sample_shapes(data)
+    timings["verification"] = time.perf_counter() - clock
+    return SlimResult(
+        model=current,
+        analysis=analysis,
+        groups=results,
+        verification=comparison,
+        params_before=count_params(model),
+        params_after=count_params(current),
+        flops_before=total_flops(model, shapes),
+        flops_after=total_flops(current, shapes),
+        forward_passes=len(waves),
+        timings=timings,
+        config=config,
+    )
+
+
+def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
+    current = onnx.ModelProto.FromString(canonical.SerializeToString())
+    reference = canonical if config.correct else None
+    rng = np.random.default_rng(config.seed)
+    total = len(waves) * len(train)
+    done = 0
+    results: list[GroupResult] = []
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    for wave in waves:
+        stats = collect_statistics(
+            current, wave, data, train, batch_size=config.batch_size,
+            per_image=config.samples_per_image, seed=int(rng.integers(2**31)),
+            device=config.device, reference=reference, progress=advance,
+        )
+        for group in wave:
+            selection = _select_group(current, group, stats[group.producer], config, rng)
+            if len(selection.kept) < group.channels:
+                apply_selection(current, group, selection.kept, selection.scales)
+            results.append(_group_result(group, selection, stats[group.producer]))
+        current = infer_shapes(current)
+    return current, results
+
+
+def _select_group(model, group: ChannelGroup, stats: dict[str, ConsumerStats], config, rng) -> Selection:
+    keep = keep_count(group.channels, config.keep_ratio, config.channel_multiple)
+    producer_weight = group.slices[0]
+    node = next(n for n in model.graph.node if n.name == producer_weight.node)
+    weight = initializer_array(model, node.input[producer_weight.input_index])
+    axes = tuple(a for a in range(weight.ndim) if a != producer_weight.axis)
+    filter_l1 = np.abs(weight).sum(axis=axes)
+    return choose_channels(config.method, config.reconstruct, stats, keep, filter_l1, rng)
+
+
+def _group_result(group: ChannelGroup, selection: Selection, stats) -> GroupResult:
+    return GroupResult(
+        producer=group.producer,
+        consumers=tuple(c.node for c in group.consumers),
+        channels_before=group.channels,
+        channels_after=int(len(selection.kept)),
+        error_before=float(selection.error_before),
+        error_after=float(selection.error_after),
+        samples=int(sum(s.samples for s in stats.values())),
+    )
+
+
+def _finalize(slimmed: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Give the slim model the original's interface: input/output types with their dynamic dims."""
+    inputs = {vi.name: vi for vi in original.graph.input}
+    outputs = {vi.name: vi for vi in original.graph.output}
+    for vi in slimmed.graph.input:
+        if vi.name in inputs:
+            vi.CopyFrom(inputs[vi.name])
+    for vi in slimmed.graph.output:
+        if vi.name in outputs:
+            vi.CopyFrom(outputs[vi.name])
+    del slimmed.metadata_props[:]
+    slimmed.metadata_props.extend(original.metadata_props)
+    return infer_shapes(slimmed)
+
+
+def _sample_shapes(data: CalibrationData) -> dict[str, tuple[int, ...]]:
+    first = data.batch(np.arange(1))
+    return {name: (1,) + tuple(array.shape[1:]) for name, array in first.items()}
+
+
+def _nothing_prunable(analysis: Analysis) -> str:
+    reasons = [f"{c.producer} (coupled: {c.reason})" for c in analysis.coupled]
+    reasons += [f"{s.producer} ({s.reason})" for s in analysis.skipped]
+    detail = "; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "")
+    return "nothing prunable in this model" + (f": {detail}" if detail else " (no Conv, Gemm or MatMul producers)")
