@@ -71,6 +71,7 @@ class GroupResult:
     error_before: float  # relative reconstruction error of the consumers, slicing only
     error_after: float  # ... after rescaling
     samples: int
+    kept: tuple[int, ...] = ()
 
 
 @dataclass
@@ -98,7 +99,9 @@ class SlimResult:
             "output_max_abs_error": self.verification.max_abs_error,
             "top1_agreement": self.verification.top1_agreement,
             "holdout_samples": self.verification.samples,
-            "groups": [asdict(g) | {"consumers": list(g.consumers)} for g in self.groups],
+            "groups": [
+                asdict(g) | {"consumers": list(g.consumers), "kept": list(g.kept)} for g in self.groups
+            ],
             "coupled": [
                 {"producer": c.producer, "channels": c.channels, "node": c.node, "reason": c.reason}
                 for c in self.analysis.coupled
@@ -256,6 +259,7 @@ def _group_result(group: ChannelGroup, selection: Selection, stats) -> GroupResu
         error_before=float(selection.error_before),
         error_after=float(selection.error_after),
         samples=int(sum(s.samples for s in stats.values())),
+        kept=tuple(int(i) for i in selection.kept),
     )
 
 

@@ -1,0 +1,247 @@
+"""The `onnx-thinet` command line: a thin layer over the Python API that prints and exits."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from onnx_thinet.analysis import analyze
+from onnx_thinet.data import load_calibration, parse_preprocess
+from onnx_thinet.errors import ThinetError
+from onnx_thinet.graph import canonicalize, load_model, save_model_atomic
+from onnx_thinet.metrics import count_params, layer_costs
+from onnx_thinet.slim import SlimConfig, SlimResult, slim
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="ThiNet filter pruning for ONNX CNNs: a structurally thinner ONNX model, verified.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turn ThinetError into one line on stderr and exit code 2; never show a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = os.environ.get("ONNX_THINET_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except ThinetError as exc:
+            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if debug:
+                raise
+            err.print(f"error: internal error: {type(exc).__name__}: {exc} "
+                      "(set ONNX_THINET_DEBUG=1 for the traceback)", markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command("slim")
+@user_errors
+def slim_command(
+    model: Annotated[Path, typer.Argument(help="ONNX model to slim (never modified).")],
+    calib: Annotated[Path, typer.Option("--calib", help=".npy (single input), .npz (keys = input names) or an image folder.")],
+    keep_ratio: Annotated[float, typer.Option("--keep-ratio", help="Fraction of channels kept per prunable layer, in (0, 1].")] = 0.5,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path [default: MODEL.slim.onnx].")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
+    method: Annotated[str, typer.Option("--method", help="thinet | thinet-ls | l1 | apoz | random.")] = "thinet",
+    reconstruct: Annotated[str, typer.Option("--reconstruct", help="none | scale (least-squares channel scales).")] = "scale",
+    correct: Annotated[bool, typer.Option("--correct/--no-correct", help="Targets from the original network (absorbs earlier layers' error).")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    preprocess: Annotated[str, typer.Option("--preprocess", help="Image folders: imagenet | caffe | unit [,size=,resize=,mean=a:b:c,std=,layout=nchw|nhwc,bgr=].")] = "unit",
+    samples_per_image: Annotated[Optional[int], typer.Option("--samples-per-image", help="Sampled outputs per image and layer [default: max(10, 20*channels/images)].")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    holdout: Annotated[float, typer.Option("--holdout", help="Fraction of CALIB held out to measure the output error.")] = 0.1,
+    channel_multiple: Annotated[int, typer.Option("--channel-multiple", help="Round kept channel counts up to a multiple (8 suits most GPU kernels).")] = 1,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda (onnxruntime provider).")] = "auto",
+    simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Canonicalize with onnx-simplifier and onnxruntime's basic optimizer first.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+) -> None:
+    """Prune filters with ThiNet and write a thinner, verified ONNX model."""
+    config = SlimConfig(
+        keep_ratio=keep_ratio, method=method, reconstruct=reconstruct, correct=correct, seed=seed,
+        samples_per_image=samples_per_image, batch_size=batch_size, holdout=holdout,
+        device=device, simplify=simplify, channel_multiple=channel_multiple,
+    )
+    config.validate()
+    output = output or model.with_name(model.stem + ".slim.onnx")
+    _check_output(model, output, force)
+    if report is not None:
+        _check_output(model, report, force)
+    original = load_model(model)
+    data = load_calibration(calib, original, parse_preprocess(preprocess))
+    result = _run_with_progress(original, data, config, quiet)
+    size_after = save_model_atomic(result.model, output)
+    content = result.report() | {
+        "model": str(model), "output": str(output),
+        "file_bytes_before": _file_bytes(model), "file_bytes_after": size_after,
+    }
+    if report is not None:
+        _write_text_atomic(report, json.dumps(content, indent=2) + "\n")
+    if not quiet:
+        _print_slim_summary(result, content)
+    out.print(f"wrote {output}", highlight=False)
+
+
+def _check_output(model: Path, output: Path, force: bool) -> None:
+    if model.exists() and output.exists() and output.resolve() == model.resolve():
+        raise ThinetError(f"{output}: refusing to overwrite the input model; choose another --output")
+    if output.exists() and not force:
+        raise ThinetError(f"{output}: already exists (use --force to overwrite)")
+    if output.exists() and output.is_dir():
+        raise ThinetError(f"{output}: is a directory")
+
+
+def _run_with_progress(original, data, config: SlimConfig, quiet: bool) -> SlimResult:
+    if quiet or not sys.stderr.isatty() and os.environ.get("ONNX_THINET_PROGRESS") != "1":
+        return slim(original, data, config)
+    columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("calibrating", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return slim(original, data, config, progress=update)
+
+
+def _file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _print_slim_summary(result: SlimResult, content: dict) -> None:
+    table = Table(title="pruned groups", title_justify="left")
+    for col in ("producer", "consumers", "channels", "recon. error (slice)", "recon. error (rescaled)"):
+        table.add_column(col)
+    for g in result.groups:
+        table.add_row(g.producer, ", ".join(g.consumers), f"{g.channels_before} → {g.channels_after}",
+                      f"{g.error_before:.4f}", f"{g.error_after:.4f}")
+    out.print(table)
+    kept = [*result.analysis.coupled, *result.analysis.skipped]
+    if kept:
+        out.print(f"kept unpruned: {len(result.analysis.coupled)} coupled, "
+                  f"{len(result.analysis.skipped)} not provably safe (see `inspect` or --report)")
+    totals = Table(title="totals", title_justify="left")
+    for col in ("", "before", "after", "ratio"):
+        totals.add_column(col)
+    for label, key in (("params", "params"), ("FLOPs", "flops"), ("file bytes", "file_bytes")):
+        before, after = content[f"{key}_before"], content[f"{key}_after"]
+        totals.add_row(label, f"{before:,}", f"{after:,}", f"{before / max(after, 1):.2f}x")
+    out.print(totals)
+    v = result.verification
+    agreement = "" if v.top1_agreement is None else f", top-1 agreement {v.top1_agreement:.2%}"
+    out.print(f"held-out output error ({v.samples} samples): relative {v.rel_error:.4g}, "
+              f"max abs {v.max_abs_error:.4g}{agreement}", highlight=False)
+    timings = ", ".join(f"{k} {s:.2f}s" for k, s in result.timings.items())
+    out.print(f"{result.forward_passes} calibration passes; {timings}", highlight=False)
+
+
+@app.command("inspect")
+@user_errors
+def inspect_command(
+    model: Annotated[Path, typer.Argument(help="ONNX model to analyse.")],
+    simplify: Annotated[bool, typer.Option("--simplify/--no-simplify")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show prunable groups, coupled channels, params and FLOPs per layer (no calibration)."""
+    original = load_model(model)
+    canonical = canonicalize(original, simplify=simplify)
+    analysis = analyze(canonical)
+    costs = layer_costs(canonical)
+    info = {
+        "params": count_params(canonical),
+        "flops": sum(c.flops or 0 for c in costs),
+        "layers": [{"node": c.node, "op": c.op_type, "params": c.params, "flops": c.flops} for c in costs],
+        "groups": [{"producer": g.producer, "channels": g.channels, "consumers": [c.node for c in g.consumers],
+                    "path": list(g.path)} for g in analysis.groups],
+        "coupled": [{"producer": c.producer, "channels": c.channels, "node": c.node, "reason": c.reason}
+                    for c in analysis.coupled],
+        "skipped": [{"producer": s.producer, "node": s.node, "reason": s.reason} for s in analysis.skipped],
+    }
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    _print_inspect(info)
+
+
+def _print_inspect(info: dict) -> None:
+    layers = Table(title="layers (batch 1)", title_justify="left")
+    for col in ("node", "op", "params", "FLOPs"):
+        layers.add_column(col)
+    for row in info["layers"]:
+        layers.add_row(row["node"], row["op"], f"{row['params']:,}",
+                       "?" if row["flops"] is None else f"{row['flops']:,}")
+    out.print(layers)
+    groups = Table(title="prunable groups", title_justify="left")
+    for col in ("producer", "channels", "consumers", "through"):
+        groups.add_column(col)
+    for g in info["groups"]:
+        groups.add_row(g["producer"], str(g["channels"]), ", ".join(g["consumers"]), " → ".join(g["path"]))
+    out.print(groups)
+    kept = Table(title="kept unpruned", title_justify="left")
+    for col in ("producer", "why", "at"):
+        kept.add_column(col)
+    for c in info["coupled"]:
+        kept.add_row(c["producer"], f"coupled: {c['reason']}", c["node"])
+    for s in info["skipped"]:
+        kept.add_row(s["producer"], s["reason"], s["node"])
+    out.print(kept)
+    out.print(f"total: {info['params']:,} params, {info['flops']:,} FLOPs per sample", highlight=False)
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (evaluation, PyTorch round trip)."""
+    for module_name in ("onnx_thinet.cli_eval", "onnx_thinet.cli_torch"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(app)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("ONNX_THINET_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

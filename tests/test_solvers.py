@@ -1,0 +1,124 @@
+"""Solvers on plain matrices: each is checked against a slow, obviously-correct reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from onnx_thinet.solvers import (
+    keep_count,
+    reconstruction_error,
+    rescale_least_squares,
+    select_apoz,
+    select_l1,
+    select_random,
+    select_thinet,
+    select_thinet_ls,
+)
+
+
+def _paper_greedy(x: np.ndarray, keep: int) -> np.ndarray:
+    """The paper's Algorithm 1 on raw samples: grow T keeping ‖Σ_{c∈T} x_c‖² smallest."""
+    removed: list[int] = []
+    channels = x.shape[1]
+    while len(removed) < channels - keep:
+        best, best_value = None, np.inf
+        for c in range(channels):
+            if c in removed:
+                continue
+            value = float(np.sum(x[:, removed + [c]].sum(axis=1) ** 2))
+            if value < best_value:
+                best, best_value = c, value
+        removed.append(best)
+    return np.array(sorted(set(range(channels)) - set(removed)))
+
+
+def _stats(x: np.ndarray, y: np.ndarray | None = None):
+    y = x.sum(axis=1) if y is None else y
+    return x.T @ x, x.T @ y, float(y @ y)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_thinet_greedy_matches_paper_algorithm(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((300, 12)) * rng.uniform(0.1, 2.0, size=12)
+    gram, corr, yy = _stats(x)
+    for keep in (3, 6, 11):
+        np.testing.assert_array_equal(select_thinet(gram, corr, yy, keep), _paper_greedy(x, keep))
+
+
+def test_thinet_removes_planted_zero_channels_exactly():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 10))
+    dead = [1, 4, 7, 8, 9]
+    x[:, dead] = 0.0
+    gram, corr, yy = _stats(x)
+    kept = select_thinet(gram, corr, yy, 5)
+    np.testing.assert_array_equal(kept, sorted(set(range(10)) - set(dead)))
+    w = rescale_least_squares(gram, corr, kept)
+    np.testing.assert_allclose(w, 1.0, atol=1e-8)
+    assert reconstruction_error(gram, corr, yy, kept, w) < 1e-6
+
+
+def test_rescale_matches_lstsq_and_reduces_error():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 8)) @ rng.standard_normal((8, 8))
+    gram, corr, yy = _stats(x)
+    kept = np.array([0, 2, 3, 6])
+    w = rescale_least_squares(gram, corr, kept)
+    expected = np.linalg.lstsq(x[:, kept], x.sum(axis=1), rcond=None)[0]
+    np.testing.assert_allclose(w, expected, rtol=1e-6)
+    ones = np.ones(len(kept))
+    assert reconstruction_error(gram, corr, yy, kept, w) < reconstruction_error(gram, corr, yy, kept, ones)
+    direct = np.linalg.norm(x.sum(axis=1) - x[:, kept] @ w) / np.linalg.norm(x.sum(axis=1))
+    assert reconstruction_error(gram, corr, yy, kept, w) == pytest.approx(direct, rel=1e-6)
+
+
+def test_rescale_survives_rank_deficiency():
+    x = np.ones((50, 3))
+    gram, corr, _ = _stats(x)
+    w = rescale_least_squares(gram, corr, np.array([0, 1]))
+    assert np.all(np.isfinite(w))
+    np.testing.assert_allclose(x[:, :2] @ w, x.sum(axis=1), rtol=1e-6)
+
+
+def _best_subset_error(x, y, keep):
+    best = np.inf
+    for subset in itertools.combinations(range(x.shape[1]), keep):
+        cols = x[:, list(subset)]
+        w = np.linalg.lstsq(cols, y, rcond=None)[0]
+        best = min(best, float(np.sum((y - cols @ w) ** 2)))
+    return best
+
+
+def test_thinet_ls_recovers_sparse_support_and_is_near_best_subset():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 9))
+    y = x[:, [0, 3, 5]] @ np.array([2.0, -1.0, 0.7])
+    gram, corr, _ = _stats(x, y)
+    np.testing.assert_array_equal(select_thinet_ls(gram, corr, 3), [0, 3, 5])
+    z = rng.standard_normal((400, 8))
+    target = z.sum(axis=1)
+    gram, corr, _ = _stats(z, target)
+    kept = select_thinet_ls(gram, corr, 4)
+    w = np.linalg.lstsq(z[:, kept], target, rcond=None)[0]
+    err = float(np.sum((target - z[:, kept] @ w) ** 2))
+    assert err <= 1.2 * _best_subset_error(z, target, 4)
+
+
+def test_baselines_pick_by_their_criteria():
+    np.testing.assert_array_equal(select_l1(np.array([3.0, 1.0, 5.0, 2.0]), 2), [0, 2])
+    np.testing.assert_array_equal(select_apoz(np.array([0.9, 0.1, 0.5, 0.2]), 2), [1, 3])
+    kept = select_random(10, 4, np.random.default_rng(0))
+    assert len(set(kept.tolist())) == 4 and kept.max() < 10
+
+
+def test_keep_count_rounding():
+    assert keep_count(64, 0.5) == 32
+    assert keep_count(3, 0.01) == 1
+    assert keep_count(10, 1.0) == 10
+    assert keep_count(60, 0.3, multiple=8) == 24
+    assert keep_count(10, 0.9, multiple=8) == 10
+
