@@ -23,7 +23,9 @@ from onnx_thinet.runtime import make_session, truncated_model
 
 __all__ = [
     "ConsumerStats",
+    "RefitStats",
     "collect_statistics",
+    "conv_patches",
     "conv_contributions",
     "conv_positions",
     "linear_contributions",
@@ -47,6 +49,7 @@ class ConsumerStats:
     samples: int = 0
     zeros: np.ndarray = field(init=False)
     elements: int = 0
+    refit: RefitStats | None = None
 
     def __post_init__(self) -> None:
         self.gram = np.zeros((self.channels, self.channels))
@@ -72,6 +75,40 @@ class ConsumerStats:
         return out
 
 
+@dataclass
+class RefitStats:
+    """Statistics to re-fit a consumer's whole weight (and bias) by least squares.
+
+    Rows are sampled consumer inputs p (a conv's flattened window, a linear layer's input row),
+    targets are the consumer's outputs for every filter at that place.
+    """
+
+    dims: int
+    outputs: int
+    gram: np.ndarray = field(init=False)
+    cross: np.ndarray = field(init=False)
+    input_sum: np.ndarray = field(init=False)
+    target_sum: np.ndarray = field(init=False)
+    target_sq: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.gram = np.zeros((self.dims, self.dims))
+        self.cross = np.zeros((self.dims, self.outputs))
+        self.input_sum = np.zeros(self.dims)
+        self.target_sum = np.zeros(self.outputs)
+
+    def add(self, inputs: np.ndarray, targets: np.ndarray) -> None:
+        p = inputs.astype(np.float64)
+        t = targets.astype(np.float64)
+        self.gram += p.T @ p
+        self.cross += p.T @ t
+        self.input_sum += p.sum(axis=0)
+        self.target_sum += t.sum(axis=0)
+        self.target_sq += float(np.sum(t * t))
+        self.count += len(p)
+
+
 def samples_per_image(channels: int, images: int, requested: int | None) -> int:
     """Enough samples for a well-posed fit: ≥ 10 per image (the paper) and ≥ 20× the channels."""
     if requested:
@@ -90,12 +127,14 @@ def collect_statistics(
     seed: int = 0,
     device: str = "cpu",
     reference: onnx.ModelProto | None = None,
+    refit: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, dict[str, ConsumerStats]]:
     """One streamed pass over `indices` gathering statistics for all `groups` at once.
 
     `model` is the network as pruned so far; with `reference` (the original network) the
     targets ŷ come from it instead, so reconstruction also corrects earlier layers' error.
+    With `refit`, each ConsumerStats also carries RefitStats for `--reconstruct full`.
     Returns stats[group.producer][consumer.node].
     """
     tensors = sorted({c.input for g in groups for c in g.consumers})
@@ -107,6 +146,8 @@ def collect_statistics(
     )
     nodes = {n.name: n for n in model.graph.node}
     stats = {g.producer: {c.node: ConsumerStats(g.channels) for c in g.consumers} for g in groups}
+    targets_from = (reference, ref_weights) if reference else (model, weights)
+    biases = {c.node: _consumer_bias(targets_from[0], c) for g in groups for c in g.consumers}
     rng = np.random.default_rng(seed)
     for start in range(0, len(indices), batch_size):
         feeds = data.batch(indices[start : start + batch_size])
@@ -126,6 +167,11 @@ def collect_statistics(
                 entry = stats[group.producer][consumer.node]
                 entry.add(sum_per_channel(contrib, group.channels, consumer.weight.inner), target)
                 _count_zeros(entry, x, consumer, group.channels)
+                if refit:
+                    ref_x = ref_values[consumer.input] if ref_session is not None else x
+                    weight = (ref_weights if ref_session is not None else weights)[consumer.node]
+                    _add_refit(entry, consumer, nodes[consumer.node], x, ref_x, weight,
+                               biases[consumer.node], len(indices), rng)
         if progress is not None:
             progress(len(feeds[next(iter(feeds))]))
     return stats
@@ -140,6 +186,40 @@ def _sampler(consumer: Consumer, node, x_shape, weight, count: int, rng):
     rows = int(np.prod(x_shape[:-1], dtype=np.int64))
     positions = linear_positions(rows, weight.shape[1], count, rng)
     return lambda x, w: linear_contributions(x, w, positions)
+
+
+def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight, bias,
+               images: int, rng) -> None:
+    """Sample whole consumer inputs at random places; targets are all outputs there."""
+    if consumer.kind == "conv":
+        dims = int(np.prod(weight.shape[1:]))
+        geometry = _conv_geometry(node, x.shape, weight.shape)
+        places = int(np.prod(geometry.out_size))
+        per_image = min(places, max(10, math.ceil(10 * dims / max(images, 1))))
+        at = conv_positions(x.shape[0], 1, geometry, per_image, rng)
+        inputs = conv_patches(x, weight.shape, geometry, at).reshape(len(at.row), -1)
+        ref_inputs = conv_patches(ref_x, weight.shape, geometry, at).reshape(len(at.row), -1)
+        targets = ref_inputs @ weight.reshape(weight.shape[0], -1).T.astype(np.float64) + bias
+    else:
+        inputs = x.reshape(-1, x.shape[-1])
+        targets = ref_x.reshape(-1, ref_x.shape[-1]).astype(np.float64) @ weight + bias
+    if entry.refit is None:
+        entry.refit = RefitStats(inputs.shape[1], targets.shape[1])
+    entry.refit.add(inputs, targets)
+
+
+def _consumer_bias(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray | float:
+    """The consumer's additive bias per output (0 when it has none)."""
+    node = next(n for n in model.graph.node if n.name == consumer.node)
+    if consumer.kind == "conv" or node.op_type == "Gemm":
+        if len(node.input) < 3 or not node.input[2]:
+            return 0.0
+        tensor = next((t for t in model.graph.initializer if t.name == node.input[2]), None)
+        if tensor is None:
+            return 0.0
+        beta = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "beta"), 1.0)
+        return numpy_helper.to_array(tensor).astype(np.float64).reshape(-1) * beta
+    return 0.0
 
 
 def _consumer_weight(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray:
@@ -224,17 +304,23 @@ def conv_contributions(
     Returns (S, C_in): Σ over the kernel window of W[f, c] · x[c, window], zero padding
     included, so each row sums to the conv output minus bias.
     """
+    patches = conv_patches(x, weight.shape, geometry, at)
+    weight = weight.reshape(weight.shape[0], weight.shape[1], *patches.shape[2:])
+    return np.einsum("sckl,sckl->sc", patches, weight[at.unit], dtype=np.float64)
+
+
+def conv_patches(x: np.ndarray, weight_shape, geometry: ConvGeometry, at: Positions) -> np.ndarray:
+    """The input windows (S, C_in, kh, kw) under sampled outputs, zero padding included."""
     if x.ndim == 3:
-        x, weight = x[:, :, None, :], weight[:, :, None, :]
+        x = x[:, :, None, :]
     _, c, h, w = x.shape
-    kh, kw = weight.shape[2:]
+    kh, kw = (1, weight_shape[2]) if len(weight_shape) == 3 else tuple(weight_shape[2:])
     rows = at.top[:, None] + np.arange(kh)[None, :] * geometry.dilations[0]
     cols = at.left[:, None] + np.arange(kw)[None, :] * geometry.dilations[1]
     patches = x[at.row[:, None, None, None], np.arange(c)[None, :, None, None],
                 np.clip(rows, 0, h - 1)[:, None, :, None], np.clip(cols, 0, w - 1)[:, None, None, :]]
     inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-    patches = np.where(inside[:, None, :, :], patches, 0.0)
-    return np.einsum("sckl,sckl->sc", patches, weight[at.unit], dtype=np.float64)
+    return np.where(inside[:, None, :, :], patches, np.zeros((), dtype=x.dtype))
 
 
 def linear_positions(rows: int, units: int, per_row: int, rng: np.random.Generator) -> Positions:

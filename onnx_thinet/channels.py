@@ -59,7 +59,8 @@ class Consumer:
     """A layer that reads the group's channels as its input channels and is rescaled by ThiNet.
 
     `kind` is "conv" (input patches) or "linear" (Gemm/MatMul, weight as [K, F] after
-    `transpose`). `weight` names the node input holding the weight, cut along `axis`.
+    `transpose`). `weight` names the node input holding the weight, cut along `axis`;
+    `bias_index` is where a bias input goes (None for MatMul, which has none).
     """
 
     node: str
@@ -67,6 +68,7 @@ class Consumer:
     input: str
     weight: ParamSlice
     transpose: bool = False
+    bias_index: int | None = 2
 
 
 @dataclass(frozen=True)

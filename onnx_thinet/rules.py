@@ -405,7 +405,7 @@ def _matmul(ctx: RuleContext, node: onnx.NodeProto, k: int, flow: Flow) -> Step:
     if rank is None or flow.axis != rank - 1:
         return _blocked("MatMul reads channels on another axis")
     slice_ = ParamSlice(node.name, 1, 0, flow.inner)
-    return Step(consumer=Consumer(node.name, "linear", flow.tensor, slice_))
+    return Step(consumer=Consumer(node.name, "linear", flow.tensor, slice_, bias_index=None))
 
 
 @rule("Concat", "Sum", "Mean", "Where", "Split", "Slice", "Gather", "Einsum", "Resize", "Upsample")

@@ -9,9 +9,12 @@ from functools import reduce
 import numpy as np
 
 from onnx_thinet.calibrate import ConsumerStats
+from onnx_thinet.channels import ChannelGroup, Consumer, channel_positions
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.solvers import (
     reconstruction_error,
+    refit_error,
+    refit_least_squares,
     rescale_least_squares,
     select_apoz,
     select_l1,
@@ -20,10 +23,18 @@ from onnx_thinet.solvers import (
     select_thinet_ls,
 )
 
-__all__ = ["METHODS", "RECONSTRUCTIONS", "Selection", "choose_channels"]
+__all__ = ["METHODS", "RECONSTRUCTIONS", "Refit", "Selection", "choose_channels"]
 
 METHODS = ("thinet", "thinet-ls", "l1", "apoz", "random")
-RECONSTRUCTIONS = ("none", "scale")
+RECONSTRUCTIONS = ("none", "scale", "full")
+
+
+@dataclass(frozen=True)
+class Refit:
+    """A consumer's new weight on the kept inputs, as a [K_kept, F] matrix, and its bias."""
+
+    matrix: np.ndarray
+    bias: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -31,18 +42,22 @@ class Selection:
     kept: np.ndarray
     scales: dict[str, np.ndarray] | None
     error_before: float  # relative output error of the consumers after slicing only
-    error_after: float  # ... after the least-squares rescale
+    error_after: float  # ... after reconstruction
+    refits: dict[str, Refit] | None = None
 
 
 def choose_channels(
     method: str,
     reconstruct: str,
+    group: ChannelGroup,
     stats: Mapping[str, ConsumerStats],
     keep: int,
     filter_l1: np.ndarray,
     rng: np.random.Generator,
 ) -> Selection:
-    """Pick `keep` channels with `method` (several consumers: their samples stacked) and rescale."""
+    """Pick `keep` channels with `method` (several consumers: their samples stacked), then
+    reconstruct: `none` slices, `scale` fits one factor per kept channel, `full` re-fits every
+    consumer weight and bias on the kept inputs."""
     if method not in METHODS:
         raise ThinetError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
     if reconstruct not in RECONSTRUCTIONS:
@@ -53,6 +68,8 @@ def choose_channels(
     before = _stacked_error(stats, kept, {name: ones for name in stats})
     if reconstruct == "none":
         return Selection(kept, None, before, before)
+    if reconstruct == "full":
+        return _refit_consumers(group, stats, kept, before)
     scales = {name: rescale_least_squares(s.gram, s.corr, kept) for name, s in stats.items()}
     return Selection(kept, scales, before, _stacked_error(stats, kept, scales))
 
@@ -69,6 +86,34 @@ def _select(method: str, total: ConsumerStats, keep: int, filter_l1, rng) -> np.
     if method == "apoz":
         return select_apoz(total.zeros / max(total.elements, 1), keep)
     return select_random(total.channels, keep, rng)
+
+
+def _refit_consumers(group: ChannelGroup, stats, kept: np.ndarray, before: float) -> Selection:
+    refits, squared, total = {}, 0.0, 0.0
+    for consumer in group.consumers:
+        refit = stats[consumer.node].refit
+        if refit is None:
+            raise ValueError(f"no refit statistics for {consumer.node}")
+        columns = _refit_columns(consumer, group.channels, refit.dims, kept)
+        intercept = consumer.bias_index is not None
+        args = (refit.gram, refit.cross, refit.input_sum, refit.target_sum, refit.count)
+        matrix, bias = refit_least_squares(*args, columns, intercept=intercept)
+        error = refit_error(*args, refit.target_sq, columns, matrix, bias)
+        squared += error**2 * refit.target_sq
+        total += refit.target_sq
+        refits[consumer.node] = Refit(matrix, bias if intercept else None)
+    after = float(np.sqrt(squared / total)) if total > 0 else 0.0
+    return Selection(kept, None, before, after, refits)
+
+
+def _refit_columns(consumer: Consumer, channels: int, dims: int, kept: np.ndarray) -> np.ndarray:
+    """Which refit inputs belong to kept channels: window positions of kept input channels."""
+    inner = consumer.weight.inner
+    if consumer.kind != "conv":
+        return channel_positions(kept, channels, dims, inner)
+    window = dims // (channels * inner)
+    in_channels = channel_positions(kept, channels, channels * inner, inner)
+    return (in_channels[:, None] * window + np.arange(window)[None, :]).ravel()
 
 
 def _stacked_error(stats: Mapping[str, ConsumerStats], kept, scales) -> float:

@@ -229,12 +229,13 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
         stats = collect_statistics(
             current, wave, data, train, batch_size=config.batch_size,
             per_image=config.samples_per_image, seed=int(rng.integers(2**31)),
-            device=config.device, reference=reference, progress=advance,
+            device=config.device, reference=reference, refit=config.reconstruct == "full",
+            progress=advance,
         )
         for group in wave:
             selection = _select_group(current, group, stats[group.producer], config, rng)
             if len(selection.kept) < group.channels:
-                apply_selection(current, group, selection.kept, selection.scales)
+                apply_selection(current, group, selection.kept, selection.scales, selection.refits)
             results.append(_group_result(group, selection, stats[group.producer]))
         current = infer_shapes(current)
     return current, results
@@ -247,7 +248,7 @@ def _select_group(model, group: ChannelGroup, stats: dict[str, ConsumerStats], c
     weight = initializer_array(model, node.input[producer_weight.input_index])
     axes = tuple(a for a in range(weight.ndim) if a != producer_weight.axis)
     filter_l1 = np.abs(weight).sum(axis=axes)
-    return choose_channels(config.method, config.reconstruct, stats, keep, filter_l1, rng)
+    return choose_channels(config.method, config.reconstruct, group, stats, keep, filter_l1, rng)
 
 
 def _group_result(group: ChannelGroup, selection: Selection, stats) -> GroupResult:

@@ -14,6 +14,8 @@ from scipy import linalg
 __all__ = [
     "keep_count",
     "reconstruction_error",
+    "refit_error",
+    "refit_least_squares",
     "rescale_least_squares",
     "select_apoz",
     "select_l1",
@@ -118,6 +120,54 @@ def reconstruction_error(
     sub = np.asarray(gram, dtype=np.float64)[np.ix_(kept, kept)]
     w = np.asarray(weights, dtype=np.float64)
     sq = target_sq - 2.0 * float(corr[kept] @ w) + float(w @ sub @ w)
+    return float(np.sqrt(max(sq, 0.0) / target_sq)) if target_sq > 0 else 0.0
+
+
+def _augmented(gram, cross, input_sum, target_sum, count, columns, intercept: bool):
+    a = np.asarray(gram, dtype=np.float64)[np.ix_(columns, columns)]
+    b = np.asarray(cross, dtype=np.float64)[columns]
+    if not intercept:
+        return a, b
+    s = np.asarray(input_sum, dtype=np.float64)[columns]
+    a = np.block([[a, s[:, None]], [s[None, :], np.array([[float(count)]])]])
+    b = np.vstack([b, np.asarray(target_sum, dtype=np.float64)[None, :]])
+    return a, b
+
+
+def refit_least_squares(
+    gram: np.ndarray,
+    cross: np.ndarray,
+    input_sum: np.ndarray,
+    target_sum: np.ndarray,
+    count: int,
+    columns: np.ndarray,
+    intercept: bool = True,
+    ridge: float = 1e-6,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-fit a whole layer on the kept inputs: argmin ‖T − P_cols W − 1 bᵀ‖², all outputs at once.
+
+    Returns W (len(columns), F) and b (F,) (zeros without `intercept`). The bias absorbs the
+    mean shift that removing channels leaves behind. A ridge relative to the mean diagonal
+    keeps the solve well-posed when samples are few or inputs collinear.
+    """
+    a, b = _augmented(gram, cross, input_sum, target_sum, count, columns, intercept)
+    scale = max(float(np.trace(a)) / max(len(a), 1), 1e-30)
+    try:
+        solution = linalg.solve(a + ridge * scale * np.eye(len(a)), b, assume_a="pos")
+    except (linalg.LinAlgError, ValueError):
+        solution = linalg.lstsq(a, b)[0]
+    if intercept:
+        return solution[:-1], solution[-1]
+    return solution, np.zeros(b.shape[1])
+
+
+def refit_error(
+    gram, cross, input_sum, target_sum, count, target_sq: float, columns, weights, bias
+) -> float:
+    """Relative error ‖T − P W − 1 bᵀ‖ / ‖T‖ of a refit, from the statistics alone."""
+    a, b = _augmented(gram, cross, input_sum, target_sum, count, columns, True)
+    theta = np.vstack([weights, np.asarray(bias)[None, :]])
+    sq = target_sq - 2.0 * float(np.sum(theta * b)) + float(np.sum(theta * (a @ theta)))
     return float(np.sqrt(max(sq, 0.0) / target_sq)) if target_sq > 0 else 0.0
 
 

@@ -59,11 +59,12 @@ def test_weight_magnitude_picks_the_wrong_channels_on_planted_models(family):
     assert result.verification.rel_error > 1e-2
 
 
-@pytest.mark.parametrize("method", ["thinet-ls"])
-@pytest.mark.parametrize("family", ["conv_chain", "pool_flatten_gemm", "depthwise_chain"])
-def test_least_squares_variant_is_also_exact(family, method):
+@pytest.mark.parametrize("method, reconstruct", [
+    ("thinet-ls", "scale"), ("thinet", "full"), ("thinet-ls", "full"), ("thinet", "none")])
+@pytest.mark.parametrize("family", sorted(builders.FAMILIES))
+def test_thinet_variants_are_also_exact(family, method, reconstruct):
     model, dead = builders.FAMILIES[family]()
-    result = _slim(model, SlimConfig(keep_ratio=0.5, method=method))
+    result = _slim(model, SlimConfig(keep_ratio=0.5, method=method, reconstruct=reconstruct))
     for producer, channels in dead.items():
         group = next(g for g in result.groups if g.producer == producer)
         assert set(group.kept).isdisjoint(channels)

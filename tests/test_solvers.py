@@ -10,6 +10,8 @@ import pytest
 from onnx_thinet.solvers import (
     keep_count,
     reconstruction_error,
+    refit_error,
+    refit_least_squares,
     rescale_least_squares,
     select_apoz,
     select_l1,
@@ -122,3 +124,18 @@ def test_keep_count_rounding():
     assert keep_count(60, 0.3, multiple=8) == 24
     assert keep_count(10, 0.9, multiple=8) == 10
 
+
+
+def test_refit_matches_lstsq_with_intercept_and_reports_its_error():
+    rng = np.random.default_rng(7)
+    p = rng.standard_normal((600, 10))
+    t = p @ rng.standard_normal((10, 3)) + np.array([0.5, -1.0, 2.0]) + 0.01 * rng.standard_normal((600, 3))
+    cols = np.array([0, 1, 2, 4, 7, 9])
+    w, b = refit_least_squares(p.T @ p, p.T @ t, p.sum(0), t.sum(0), len(p), cols, ridge=0.0)
+    design = np.hstack([p[:, cols], np.ones((600, 1))])
+    expected = np.linalg.lstsq(design, t, rcond=None)[0]
+    np.testing.assert_allclose(w, expected[:-1], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(b, expected[-1], rtol=1e-6, atol=1e-9)
+    direct = np.linalg.norm(t - p[:, cols] @ w - b) / np.linalg.norm(t)
+    stats = (p.T @ p, p.T @ t, p.sum(0), t.sum(0), len(p), float(np.sum(t * t)))
+    assert refit_error(*stats, cols, w, b) == pytest.approx(direct, rel=1e-6)
