@@ -74,6 +74,7 @@ def slim_command(
     channel_multiple: Annotated[int, typer.Option("--channel-multiple", help="Round kept channel counts up to a multiple (8 suits most GPU kernels).")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda (onnxruntime provider).")] = "auto",
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Canonicalize with onnx-simplifier and onnxruntime's basic optimizer first.")] = True,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Prune only this producer (repeatable; names as `inspect` shows them).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
 ) -> None:
@@ -82,6 +83,7 @@ def slim_command(
         keep_ratio=keep_ratio, method=method, reconstruct=reconstruct, correct=correct, seed=seed,
         samples_per_image=samples_per_image, batch_size=batch_size, holdout=holdout,
         device=device, simplify=simplify, channel_multiple=channel_multiple,
+        only=tuple(only) if only else None,
     )
     config.validate()
     output = output or model.with_name(model.stem + ".slim.onnx")

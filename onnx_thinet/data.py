@@ -25,6 +25,7 @@ __all__ = [
     "CalibrationData",
     "ImageFolderData",
     "Preprocess",
+    "check_arrays",
     "load_calibration",
     "parse_preprocess",
 ]
@@ -142,7 +143,7 @@ def load_calibration(
         arrays = _load_npz(path)
     else:
         raise ThinetError(f"{path}: calibration data must be .npy, .npz or a folder of images")
-    return ArrayData(_check_arrays(path, arrays, inputs))
+    return ArrayData(check_arrays(path, arrays, inputs))
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -160,7 +161,8 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise ThinetError(f"{path}: not a readable .npz archive ({exc})") from None
 
 
-def _check_arrays(path: Path, arrays: dict[str, np.ndarray], inputs) -> dict[str, np.ndarray]:
+def check_arrays(path: Path, arrays: dict[str, np.ndarray], inputs) -> dict[str, np.ndarray]:
+    """Arrays keyed by input name, shape- and dtype-checked (floats cast lazily to the model's)."""
     names = [i.name for i in inputs]
     missing = [n for n in names if n not in arrays]
     if missing:

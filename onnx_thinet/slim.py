@@ -44,6 +44,7 @@ class SlimConfig:
     device: str = "cpu"
     simplify: bool = True
     channel_multiple: int = 1
+    only: tuple[str, ...] | None = None  # prune just these producers (the others are kept)
 
     def validate(self) -> None:
         if not 0.0 < self.keep_ratio <= 1.0:
@@ -185,8 +186,9 @@ def slim(
     timings["analysis"] = time.perf_counter() - clock
     if not analysis.groups:
         raise ThinetError(_nothing_prunable(analysis))
+    groups = _chosen_groups(analysis, config.only)
     train, held = split_holdout(len(data), config.holdout, config.seed)
-    waves = schedule_waves(canonical, analysis.groups)
+    waves = schedule_waves(canonical, groups)
     clock = time.perf_counter()
     current, results = _prune_waves(canonical, waves, data, train, config, progress)
     timings["calibration"] = time.perf_counter() - clock
@@ -209,6 +211,17 @@ def slim(
         timings=timings,
         config=config,
     )
+
+
+def _chosen_groups(analysis: Analysis, only: tuple[str, ...] | None) -> tuple[ChannelGroup, ...]:
+    if not only:
+        return analysis.groups
+    names = {g.producer for g in analysis.groups}
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise ThinetError(f"--only: {', '.join(unknown)} is not a prunable producer "
+                          f"(prunable: {', '.join(sorted(names))})")
+    return tuple(g for g in analysis.groups if g.producer in only)
 
 
 def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
