@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from onnx_thinet.channels import ChannelGroup, Consumer, Coupled, ParamSlice, Skipped
-from onnx_thinet.graph import GraphIndex
+from onnx_thinet.channels import ChannelGroup, Consumer, Coupled, Layout, ParamSlice, Skipped
+from onnx_thinet.graph import GraphIndex, infer_shapes
 from onnx_thinet.rules import RULES, Flow, RuleContext, Step
 
 __all__ = ["Analysis", "analyze", "opset_version"]
@@ -41,6 +41,8 @@ def analyze(model: onnx.ModelProto) -> Analysis:
     residual Add or Concat makes the channels coupled; an unknown op or a graph output
     makes the producer skipped. Neither stops analysis of other producers.
     """
+    if not model.graph.value_info:
+        model = infer_shapes(model)
     index = GraphIndex.build(model)
     opset = opset_version(model)
     groups, coupled, skipped = [], [], []
@@ -75,65 +77,64 @@ def _producer_start(index: GraphIndex, node: onnx.NodeProto) -> _Start | None:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if node.op_type == "Conv" and attrs.get("group", 1) == 1 and weight.ndim >= 3:
-        slices = [ParamSlice(node.name, 1, 0)]
+        full = Layout.full(int(weight.shape[0]))
+        slices = [ParamSlice(node.name, 1, 0, full)]
         if bias:
-            slices.append(ParamSlice(node.name, 2, 0))
-        return _Start(Flow(node.output[0], 1), int(weight.shape[0]), tuple(slices))
+            slices.append(ParamSlice(node.name, 2, 0, full))
+        return _Start(Flow(node.output[0], 1, full), full.total, tuple(slices))
     if node.op_type == "Gemm" and weight.ndim == 2:
         transposed = bool(attrs.get("transB", 0))
-        channels = int(weight.shape[0] if transposed else weight.shape[1])
-        slices = [ParamSlice(node.name, 1, 0 if transposed else 1)]
+        full = Layout.full(int(weight.shape[0] if transposed else weight.shape[1]))
+        slices = [ParamSlice(node.name, 1, 0 if transposed else 1, full)]
         if bias:
             c = index.const(bias)
             if c is None:
                 return None
-            if c.ndim >= 1 and c.shape[-1] == channels and c.size > 1:
-                slices.append(ParamSlice(node.name, 2, c.ndim - 1))
-        return _Start(Flow(node.output[0], 1), channels, tuple(slices))
+            if c.ndim >= 1 and c.shape[-1] == full.total and c.size > 1:
+                slices.append(ParamSlice(node.name, 2, c.ndim - 1, full))
+        return _Start(Flow(node.output[0], 1, full), full.total, tuple(slices))
     if node.op_type == "MatMul" and weight.ndim == 2:
         rank = index.rank(node.output[0])
         if rank is None:
             return None
-        channels = int(weight.shape[1])
-        return _Start(Flow(node.output[0], rank - 1), channels, (ParamSlice(node.name, 1, 1),))
+        full = Layout.full(int(weight.shape[1]))
+        return _Start(Flow(node.output[0], rank - 1, full), full.total, (ParamSlice(node.name, 1, 1, full),))
     return None
 
 
 def _walk(
     index: GraphIndex, producer: onnx.NodeProto, start: _Start, opset: int
 ) -> ChannelGroup | Coupled | Skipped:
-    """Follow the producer's channels forward through per-channel ops to their consumers."""
-    ctx = RuleContext(index, start.channels, {start.flow.tensor: start.flow}, opset)
-    stack = [start.flow]
+    """Follow the producer's channels forward, node by node in topological order.
+
+    Each node sees every one of its inputs that carries the channels at once, so ops that
+    combine a tensor with itself (SiLU as x·sigmoid(x), SPPF's Concat of pooled copies) are
+    judged with all their inputs known.
+    """
+    ctx = RuleContext(index, start.channels, opset)
+    flows = {start.flow.tensor: start.flow}
     steps: list[Step] = []
     consumers: list[Consumer] = []
     path: list[str] = []
-    done: set[str] = set()
-    while stack:
-        flow = stack.pop()
-        if flow.tensor in index.graph_outputs:
-            return Skipped(producer.name, flow.tensor, f"channels reach graph output {flow.tensor!r}")
-        for node, k in index.uses.get(flow.tensor, []):
-            if node.name in done:
-                continue
-            step = _apply_rule(ctx, node, k, flow)
-            if step.coupled is not None:
-                return Coupled(producer.name, start.channels, node.name, step.coupled)
-            if step.blocked is not None:
-                return Skipped(producer.name, node.name, f"{node.op_type}: {step.blocked}")
-            done.add(node.name)
-            if step.consumer is not None:
-                consumers.append(step.consumer)
-                continue
-            path.append(node.name)
-            steps.append(step)
-            for out in step.outputs:
-                seen = ctx.visited.get(out.tensor)
-                if seen is not None and seen != out:
-                    return Skipped(producer.name, node.name, "channels arrive in two layouts")
-                if seen is None:
-                    ctx.visited[out.tensor] = out
-                    stack.append(out)
+    for node in index.model.graph.node[index.position(producer) + 1 :]:
+        inputs = {k: flows[name] for k, name in enumerate(node.input) if name in flows}
+        if not inputs:
+            continue
+        step = _apply_rule(ctx, node, inputs)
+        if step.coupled is not None:
+            return Coupled(producer.name, start.channels, node.name, step.coupled)
+        if step.blocked is not None:
+            return Skipped(producer.name, node.name, f"{node.op_type}: {step.blocked}")
+        if step.consumer is not None:
+            consumers.append(step.consumer)
+            continue
+        path.append(node.name)
+        steps.append(step)
+        for out in step.outputs:
+            flows[out.tensor] = out
+    reached_output = next((t for t in flows if t in index.graph_outputs), None)
+    if reached_output is not None:
+        return Skipped(producer.name, reached_output, f"channels reach graph output {reached_output!r}")
     if not consumers:
         return Skipped(producer.name, producer.name, "no Conv, Gemm or MatMul reads these channels")
     return ChannelGroup(
@@ -149,10 +150,10 @@ def _walk(
     )
 
 
-def _apply_rule(ctx: RuleContext, node: onnx.NodeProto, k: int, flow: Flow) -> Step:
+def _apply_rule(ctx: RuleContext, node: onnx.NodeProto, inputs: dict[int, Flow]) -> Step:
     if node.domain not in ("", "ai.onnx"):
         return Step(blocked=f"op {node.domain}:{node.op_type} is unknown to onnx-thinet")
     channel_rule = RULES.get(node.op_type)
     if channel_rule is None:
         return Step(blocked=f"op {node.op_type} has no channel rule (not proven per-channel)")
-    return channel_rule(ctx, node, k, flow)
+    return channel_rule(ctx, node, inputs)

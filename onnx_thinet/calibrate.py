@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_thinet.channels import ChannelGroup, Consumer, sum_per_channel
+from onnx_thinet.channels import ChannelGroup, Consumer, channel_indicator
 from onnx_thinet.data import CalibrationData
 from onnx_thinet.runtime import make_session, truncated_model
 
@@ -85,6 +85,7 @@ class RefitStats:
 
     dims: int
     outputs: int
+    in_channels: int  # input positions of the consumer's channel axis (dims = in_channels·window)
     gram: np.ndarray = field(init=False)
     cross: np.ndarray = field(init=False)
     input_sum: np.ndarray = field(init=False)
@@ -165,8 +166,10 @@ def collect_statistics(
                 else:
                     target = contrib.sum(axis=1)
                 entry = stats[group.producer][consumer.node]
-                entry.add(sum_per_channel(contrib, group.channels, consumer.weight.inner), target)
-                _count_zeros(entry, x, consumer, group.channels)
+                axis = 1 if consumer.kind == "conv" else x.ndim - 1
+                indicator = channel_indicator(consumer.weight.layout, group.channels, x.shape[axis])
+                entry.add(contrib @ indicator, target)
+                _count_zeros(entry, x, axis, indicator)
                 if refit:
                     ref_x = ref_values[consumer.input] if ref_session is not None else x
                     weight = (ref_weights if ref_session is not None else weights)[consumer.node]
@@ -204,7 +207,7 @@ def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight,
         inputs = x.reshape(-1, x.shape[-1])
         targets = ref_x.reshape(-1, ref_x.shape[-1]).astype(np.float64) @ weight + bias
     if entry.refit is None:
-        entry.refit = RefitStats(inputs.shape[1], targets.shape[1])
+        entry.refit = RefitStats(inputs.shape[1], targets.shape[1], x.shape[1 if consumer.kind == "conv" else -1])
     entry.refit.add(inputs, targets)
 
 
@@ -334,10 +337,8 @@ def linear_contributions(a: np.ndarray, weight: np.ndarray, at: Positions) -> np
     return rows[at.row] * weight[:, at.unit].T
 
 
-def _count_zeros(entry: ConsumerStats, x: np.ndarray, consumer: Consumer, channels: int) -> None:
+def _count_zeros(entry: ConsumerStats, x: np.ndarray, axis: int, indicator: np.ndarray) -> None:
     """Zero counts per channel of the consumer's input (APoZ)."""
-    axis = 1 if consumer.kind == "conv" else x.ndim - 1
     moved = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-    per_position = (moved == 0).sum(axis=0, dtype=np.float64)
-    entry.zeros += sum_per_channel(per_position, channels, consumer.weight.inner)
-    entry.elements += moved.shape[0] * (x.shape[axis] // channels)
+    entry.zeros += (moved == 0).sum(axis=0, dtype=np.float64) @ indicator
+    entry.elements += moved.shape[0] * int(indicator.sum(axis=0).max())

@@ -1,9 +1,15 @@
-"""Plain data describing prunable channel groups, and the index arithmetic of channel layouts.
+"""Plain data describing prunable channel groups, and where a group's channels sit in a tensor.
 
-A tensor carries a group's channels along one axis. After a Flatten or Reshape the axis can
-hold several copies of the channel dimension (`outer`) and several positions per channel
-(`inner`): index = (o * channels + c) * inner + j. Every slice is expressed in that layout, so
-a conv weight, a BN vector and a flattened Gemm weight are cut by one function.
+A tensor axis carries a group's channels in a `Layout`: the axis is `outer` blocks of `total`
+channel-like entries, each entry spread over `inner` consecutive positions, so that
+
+    position = (o * total + entry) * inner + j.
+
+Group channels occupy entries through `segments`: channels [lo, hi) sit at entries
+offset .. offset + (hi - lo). A plain conv output is one segment covering all entries; a
+Concat shifts segments and adds foreign entries; a Split keeps part of the segments; a
+Flatten grows `outer` or `inner`. Every cut (a conv weight, a BN vector, a flattened Gemm
+weight, a concatenated consumer) is "delete the positions of the removed channels".
 """
 
 from __future__ import annotations
@@ -17,41 +23,112 @@ __all__ = [
     "ChannelGroup",
     "Consumer",
     "Coupled",
+    "Layout",
     "ParamSlice",
+    "Segment",
     "ShapeFix",
     "Skipped",
-    "channel_positions",
+    "channel_indicator",
+    "removed_positions",
     "slice_channels",
-    "sum_per_channel",
 ]
 
 
 @dataclass(frozen=True)
+class Segment:
+    offset: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    segments: tuple[Segment, ...]
+    total: int
+    inner: int = 1
+
+    @classmethod
+    def full(cls, channels: int) -> Layout:
+        return cls((Segment(0, 0, channels),), channels, 1)
+
+    def outer(self, length: int) -> int | None:
+        """Blocks along an axis of `length`, or None when the layout does not fit it."""
+        block = self.total * self.inner
+        if block <= 0 or length % block:
+            return None
+        return length // block
+
+    def positions(self, channels: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions along an axis of `length` of the given group channels, and their channel ids."""
+        outer = self.outer(length)
+        if outer is None:
+            raise ValueError(f"axis of length {length} does not fit {self}")
+        channels = np.asarray(channels, dtype=np.int64)
+        pos, ids = [], []
+        for seg in self.segments:
+            chosen = channels[(channels >= seg.lo) & (channels < seg.hi)]
+            entry = seg.offset + chosen - seg.lo
+            grid = (np.arange(outer)[:, None, None] * self.total + entry[None, :, None]) * self.inner
+            grid = grid + np.arange(self.inner)[None, None, :]
+            pos.append(grid.ravel())
+            ids.append(np.broadcast_to(chosen[None, :, None], grid.shape).ravel())
+        if not pos:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(pos), np.concatenate(ids)
+
+    def shifted(self, base: int, total: int) -> Layout:
+        """The layout after a Concat that puts this tensor's entries at `base` of `total`."""
+        segs = tuple(Segment(s.offset + base, s.lo, s.hi) for s in self.segments)
+        return Layout(segs, total, self.inner)
+
+    def window(self, start: int, stop: int) -> Layout | None:
+        """The layout of entries [start, stop) (a Split output), or None if no channel is there."""
+        segs = []
+        for s in self.segments:
+            first, last = max(s.offset, start), min(s.offset + s.hi - s.lo, stop)
+            if first < last:
+                segs.append(Segment(first - start, s.lo + first - s.offset, s.lo + last - s.offset))
+        return Layout(tuple(segs), stop - start, self.inner) if segs else None
+
+    def merged(self, other: Layout) -> Layout | None:
+        """Two flows of the same group on one tensor (a Concat reading both): their union."""
+        if (self.total, self.inner) != (other.total, other.inner):
+            return None
+        return Layout(self.segments + other.segments, self.total, self.inner)
+
+
+@dataclass(frozen=True)
 class ParamSlice:
-    """Initializer feeding `node` at `input_index`, cut along `axis` in the (outer, C, inner) layout."""
+    """Initializer feeding `node` at `input_index` whose `axis` is laid out as `layout`."""
 
     node: str
     input_index: int
     axis: int
-    inner: int = 1
+    layout: Layout
 
 
 @dataclass(frozen=True)
 class AttrUpdate:
-    """An integer attribute that counts channels (a depthwise Conv's `group`): becomes kept·inner."""
+    """An integer attribute counting positions of an axis (a depthwise Conv's `group`)."""
 
     node: str
     attribute: str
-    inner: int = 1
+    layout: Layout
+    length: int
 
 
 @dataclass(frozen=True)
 class ShapeFix:
-    """A Reshape's constant shape entry that encodes the channel count: scaled to the kept count."""
+    """A constant shape or split-size entry that counts positions of a channel-carrying axis.
+
+    The entry loses as many positions as the removed channels occupy on that axis.
+    """
 
     node: str
-    input_index: int
+    input_index: int  # -1: the node's `split` attribute (Split before opset 13)
     position: int
+    layout: Layout
+    length: int
 
 
 @dataclass(frozen=True)
@@ -59,7 +136,7 @@ class Consumer:
     """A layer that reads the group's channels as its input channels and is rescaled by ThiNet.
 
     `kind` is "conv" (input patches) or "linear" (Gemm/MatMul, weight as [K, F] after
-    `transpose`). `weight` names the node input holding the weight, cut along `axis`;
+    `transpose`). `weight` names the node input holding the weight, cut along its axis;
     `bias_index` is where a bias input goes (None for MatMul, which has none).
     """
 
@@ -88,7 +165,7 @@ class ChannelGroup:
 
 @dataclass(frozen=True)
 class Coupled:
-    """Channels kept because another tensor is tied to them (residual Add, Concat, gating Mul)."""
+    """Channels kept because another tensor is tied to them (residual Add, gating Mul)."""
 
     producer: str
     channels: int
@@ -105,25 +182,19 @@ class Skipped:
     reason: str
 
 
-def channel_positions(keep: np.ndarray, channels: int, length: int, inner: int) -> np.ndarray:
-    """Indices along an axis of `length` that belong to the kept channels."""
-    outer, rest = divmod(length, channels * inner)
-    if rest or outer < 1:
-        raise ValueError(f"axis of length {length} is not a multiple of {channels}x{inner}")
-    keep = np.asarray(keep, dtype=np.int64)
-    base = np.arange(outer)[:, None, None] * channels + keep[None, :, None]
-    return (base * inner + np.arange(inner)[None, None, :]).ravel()
+def removed_positions(layout: Layout, kept: np.ndarray, channels: int, length: int) -> np.ndarray:
+    removed = np.setdiff1d(np.arange(channels), np.asarray(kept, dtype=np.int64))
+    return np.sort(layout.positions(removed, length)[0])
 
 
-def slice_channels(
-    array: np.ndarray, keep: np.ndarray, channels: int, axis: int, inner: int = 1
-) -> np.ndarray:
-    """`array` with only the kept channels along `axis` (layout (outer, channels, inner))."""
-    idx = channel_positions(keep, channels, array.shape[axis], inner)
-    return np.take(array, idx, axis=axis)
+def slice_channels(array: np.ndarray, kept: np.ndarray, channels: int, axis: int, layout: Layout) -> np.ndarray:
+    """`array` without the positions of removed channels along `axis` (foreign entries stay)."""
+    return np.delete(array, removed_positions(layout, kept, channels, array.shape[axis]), axis=axis)
 
 
-def sum_per_channel(values: np.ndarray, channels: int, inner: int = 1) -> np.ndarray:
-    """Collapse the last axis (layout (outer, channels, inner)) to one value per channel."""
-    lead = values.shape[:-1]
-    return values.reshape(*lead, -1, channels, inner).sum(axis=(-3, -1))
+def channel_indicator(layout: Layout, channels: int, length: int) -> np.ndarray:
+    """A (length, channels) 0/1 matrix: which positions of the axis belong to which channel."""
+    pos, ids = layout.positions(np.arange(channels), length)
+    matrix = np.zeros((length, channels))
+    matrix[pos, ids] = 1.0
+    return matrix

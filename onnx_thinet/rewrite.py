@@ -1,16 +1,60 @@
-"""Graph surgery: cut a channel group down to the kept channels and fold in consumer scales."""
+"""Graph surgery: cut a channel group down to the kept channels and fold in the reconstruction."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_thinet.channels import ChannelGroup, Consumer, ParamSlice, slice_channels
+from onnx_thinet.channels import (
+    ChannelGroup,
+    Consumer,
+    ParamSlice,
+    ShapeFix,
+    removed_positions,
+    slice_channels,
+)
 
 __all__ = ["apply_selection", "initializer_array"]
+
+
+class _Initializers:
+    """Edits node inputs' initializers; one shared with other nodes is copied, not cut for all."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.nodes = {n.name: n for n in model.graph.node}
+        self.tensors = {t.name: t for t in model.graph.initializer}
+        self.uses = Counter(name for n in model.graph.node for name in n.input if name)
+
+    def update(self, node_name: str, input_index: int, transform: Callable[[np.ndarray], np.ndarray]) -> None:
+        node = self.nodes[node_name]
+        name = node.input[input_index]
+        old = numpy_helper.to_array(self.tensors[name])
+        new = np.asarray(transform(old)).astype(old.dtype)
+        if self.uses[name] > 1:
+            self.uses[name] -= 1
+            name = self._fresh(f"{name}_{node_name}")
+            self.uses[name] = 1
+            node.input[input_index] = name
+            self.add(name, new)
+            return
+        self.tensors[name].CopyFrom(numpy_helper.from_array(new, name))
+
+    def add(self, base: str, array: np.ndarray) -> str:
+        name = self._fresh(base)
+        self.model.graph.initializer.append(numpy_helper.from_array(array, name))
+        self.tensors[name] = self.model.graph.initializer[-1]
+        return name
+
+    def _fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.tensors:
+            name, k = f"{base}_{k}", k + 1
+        return name
 
 
 def apply_selection(
@@ -22,113 +66,90 @@ def apply_selection(
 ) -> None:
     """Slice `group` in place on `model` to the channels `kept` (sorted indices).
 
-    The producer's filters, every per-channel parameter on the path, depthwise groups and
-    channel-encoding Reshape constants are cut; each consumer loses the matching input
-    channels, which are multiplied by `consumer_scales[consumer]` when given, or replaced by
+    The producer's filters, every per-channel parameter on the path, depthwise groups,
+    channel-counting shape and split constants are cut; each consumer loses the matching input
+    positions, which are multiplied by `consumer_scales[consumer]` when given, or replaced by
     `consumer_refits[consumer]` (a Refit: [K_kept, F] matrix and bias).
     """
     kept = np.asarray(kept, dtype=np.int64)
-    nodes = {n.name: n for n in model.graph.node}
-    inits = {t.name: t for t in model.graph.initializer}
-    uses = Counter(name for n in model.graph.node for name in n.input if name)
+    channels = group.channels
+    params = _Initializers(model)
     for item in group.slices:
-        _update_param(model, nodes, inits, uses, item,
-                      lambda a, item=item: slice_channels(a, kept, group.channels, item.axis, item.inner))
+        params.update(item.node, item.input_index,
+                      lambda a, s=item: slice_channels(a, kept, channels, s.axis, s.layout))
     for consumer in group.consumers:
         refit = (consumer_refits or {}).get(consumer.node)
+        weight = consumer.weight
         if refit is not None:
-            _update_param(model, nodes, inits, uses, consumer.weight,
-                          lambda a, c=consumer, r=refit: _refit_layout(a, c, r.matrix, len(kept), group.channels))
+            params.update(consumer.node, weight.input_index,
+                          lambda a, c=consumer, r=refit: _refit_layout(a, c, r.matrix, kept, channels))
             if refit.bias is not None:
-                _set_bias(model, nodes, inits, uses, consumer, refit.bias)
+                _set_bias(params, consumer, refit.bias)
             continue
-        scale = None if consumer_scales is None else consumer_scales.get(consumer.node)
-        _update_param(model, nodes, inits, uses, consumer.weight,
-                      lambda a, c=consumer, s=scale: _cut_consumer(a, c.weight, kept, group.channels, s))
+        scale = (consumer_scales or {}).get(consumer.node)
+        params.update(consumer.node, weight.input_index,
+                      lambda a, w=weight, s=scale: _cut_consumer(a, w, kept, channels, s))
     for update in group.attr_updates:
-        _set_int_attribute(nodes[update.node], update.attribute, len(kept) * update.inner)
+        lost = len(removed_positions(update.layout, kept, channels, update.length))
+        _set_int_attribute(params.nodes[update.node], update.attribute, update.length - lost)
     for fix in group.shape_fixes:
-        _update_param(model, nodes, inits, uses, ParamSlice(fix.node, fix.input_index, 0),
-                      lambda a, fix=fix: _fix_shape(a, fix.position, len(kept), group.channels))
-    _drop_stale_shapes(model)
+        _apply_shape_fix(params, fix, len(removed_positions(fix.layout, kept, channels, fix.length)))
+    del model.graph.value_info[:]  # stale; shape inference runs again after the rewrite
 
 
-def _cut_consumer(array, weight: ParamSlice, kept, channels: int, scale) -> np.ndarray:
-    cut = slice_channels(array, kept, channels, weight.axis, weight.inner)
-    if scale is None:
-        return cut
-    factors = np.repeat(np.asarray(scale, dtype=np.float64), weight.inner)
-    outer = cut.shape[weight.axis] // factors.size
-    factors = np.tile(factors, outer)
-    shape = [1] * cut.ndim
-    shape[weight.axis] = factors.size
-    return (cut.astype(np.float64) * factors.reshape(shape)).astype(array.dtype)
+def _cut_consumer(array: np.ndarray, weight: ParamSlice, kept, channels: int, scale) -> np.ndarray:
+    """Scale the kept channels' input positions by `scale` and drop the removed ones."""
+    if scale is not None:
+        length = array.shape[weight.axis]
+        per_channel = np.ones(channels)
+        per_channel[kept] = scale
+        factors = np.ones(length)
+        pos, ids = weight.layout.positions(np.arange(channels), length)
+        factors[pos] = per_channel[ids]
+        shape = [1] * array.ndim
+        shape[weight.axis] = length
+        array = (array.astype(np.float64) * factors.reshape(shape)).astype(array.dtype)
+    return slice_channels(array, kept, channels, weight.axis, weight.layout)
 
 
-def _refit_layout(array: np.ndarray, consumer: Consumer, matrix: np.ndarray, kept: int, channels: int):
+def _refit_layout(array: np.ndarray, consumer: Consumer, matrix: np.ndarray, kept, channels: int):
     """A [K_kept, F] refit matrix in the consumer's weight layout (conv [F, C', k...], Gemm, MatMul)."""
     if consumer.kind == "conv":
-        in_kept = array.shape[1] // channels * kept
-        return matrix.T.reshape(array.shape[0], in_kept, *array.shape[2:]).astype(array.dtype)
-    return (matrix.T if consumer.transpose else matrix).astype(array.dtype)
+        lost = len(removed_positions(consumer.weight.layout, kept, channels, array.shape[1]))
+        return matrix.T.reshape(array.shape[0], array.shape[1] - lost, *array.shape[2:])
+    return matrix.T if consumer.transpose else matrix
 
 
-def _set_bias(model, nodes, inits, uses, consumer: Consumer, bias: np.ndarray) -> None:
-    """Give the consumer this bias (a Gemm's beta is folded in), adding the input if it had none."""
-    node = nodes[consumer.node]
+def _set_bias(params: _Initializers, consumer: Consumer, bias: np.ndarray) -> None:
+    """Give the consumer this bias (a Gemm's beta becomes 1), adding the input if it had none."""
+    node = params.nodes[consumer.node]
     index = consumer.bias_index
     for attr in node.attribute:
         if attr.name == "beta":
             attr.f = 1.0  # the refit bias is the whole additive term
     if len(node.input) > index and node.input[index]:
-        dtype = numpy_helper.to_array(inits[node.input[index]]).dtype
-        _update_param(model, nodes, inits, uses, ParamSlice(node.name, index, 0),
-                      lambda a: bias.astype(dtype).reshape(-1))
+        params.update(node.name, index, lambda a: bias.reshape(-1))
         return
-    name = _fresh_name(inits, f"{node.name}.bias")
-    model.graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), name))
-    inits[name] = model.graph.initializer[-1]
+    dtype = numpy_helper.to_array(params.tensors[node.input[1]]).dtype
+    name = params.add(f"{node.name}.bias", bias.astype(dtype))
     while len(node.input) < index:
         node.input.append("")
     node.input.append(name)
 
 
-def _fix_shape(shape: np.ndarray, position: int, kept: int, channels: int) -> np.ndarray:
-    shape = shape.copy()
-    shape[position] = shape[position] // channels * kept
-    return shape
+def _apply_shape_fix(params: _Initializers, fix: ShapeFix, lost: int) -> None:
+    def shrink(values: np.ndarray) -> np.ndarray:
+        values = values.copy()
+        values[fix.position] -= lost
+        return values
 
-
-def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    for t in model.graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    raise KeyError(name)
-
-
-def _update_param(model, nodes, inits, uses, item: ParamSlice, transform) -> None:
-    """Replace the initializer a node reads; a shared initializer is copied, not cut for all."""
-    node = nodes[item.node]
-    name = node.input[item.input_index]
-    tensor = inits[name]
-    new_array = transform(numpy_helper.to_array(tensor))
-    if uses[name] > 1:
-        new_name = _fresh_name(inits, f"{name}_{item.node}")
-        uses[name] -= 1
-        uses[new_name] = 1
-        new_tensor = numpy_helper.from_array(new_array.astype(numpy_helper.to_array(tensor).dtype), new_name)
-        model.graph.initializer.append(new_tensor)
-        inits[new_name] = model.graph.initializer[-1]
-        node.input[item.input_index] = new_name
+    if fix.input_index >= 0:
+        params.update(fix.node, fix.input_index, shrink)
         return
-    tensor.CopyFrom(numpy_helper.from_array(new_array.astype(numpy_helper.to_array(tensor).dtype), name))
-
-
-def _fresh_name(existing, base: str) -> str:
-    name, k = base, 1
-    while name in existing:
-        name, k = f"{base}_{k}", k + 1
-    return name
+    for attr in params.nodes[fix.node].attribute:
+        if attr.name == "split":
+            values = shrink(np.array(list(attr.ints), dtype=np.int64))
+            attr.CopyFrom(helper.make_attribute("split", [int(v) for v in values]))
 
 
 def _set_int_attribute(node: onnx.NodeProto, name: str, value: int) -> None:
@@ -139,6 +160,8 @@ def _set_int_attribute(node: onnx.NodeProto, name: str, value: int) -> None:
     node.attribute.append(helper.make_attribute(name, int(value)))
 
 
-def _drop_stale_shapes(model: onnx.ModelProto) -> None:
-    """Intermediate shapes changed; shape inference recomputes them after all rewrites."""
-    del model.graph.value_info[:]
+def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(name)

@@ -9,7 +9,7 @@ from functools import reduce
 import numpy as np
 
 from onnx_thinet.calibrate import ConsumerStats
-from onnx_thinet.channels import ChannelGroup, Consumer, channel_positions
+from onnx_thinet.channels import ChannelGroup, Consumer, removed_positions
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.solvers import (
     reconstruction_error,
@@ -94,7 +94,7 @@ def _refit_consumers(group: ChannelGroup, stats, kept: np.ndarray, before: float
         refit = stats[consumer.node].refit
         if refit is None:
             raise ValueError(f"no refit statistics for {consumer.node}")
-        columns = _refit_columns(consumer, group.channels, refit.dims, kept)
+        columns = _refit_columns(consumer, group.channels, refit, kept)
         intercept = consumer.bias_index is not None
         args = (refit.gram, refit.cross, refit.input_sum, refit.target_sum, refit.count)
         matrix, bias = refit_least_squares(*args, columns, intercept=intercept)
@@ -106,14 +106,12 @@ def _refit_consumers(group: ChannelGroup, stats, kept: np.ndarray, before: float
     return Selection(kept, None, before, after, refits)
 
 
-def _refit_columns(consumer: Consumer, channels: int, dims: int, kept: np.ndarray) -> np.ndarray:
-    """Which refit inputs belong to kept channels: window positions of kept input channels."""
-    inner = consumer.weight.inner
-    if consumer.kind != "conv":
-        return channel_positions(kept, channels, dims, inner)
-    window = dims // (channels * inner)
-    in_channels = channel_positions(kept, channels, channels * inner, inner)
-    return (in_channels[:, None] * window + np.arange(window)[None, :]).ravel()
+def _refit_columns(consumer: Consumer, channels: int, refit, kept: np.ndarray) -> np.ndarray:
+    """Refit inputs that survive: every window position of every input position not removed."""
+    lost = removed_positions(consumer.weight.layout, kept, channels, refit.in_channels)
+    inputs = np.setdiff1d(np.arange(refit.in_channels), lost)
+    window = refit.dims // refit.in_channels
+    return (inputs[:, None] * window + np.arange(window)[None, :]).ravel()
 
 
 def _stacked_error(stats: Mapping[str, ConsumerStats], kept, scales) -> float:

@@ -133,18 +133,21 @@ def schedule_waves(model: onnx.ModelProto, groups: tuple[ChannelGroup, ...]) -> 
     """Batch groups into calibration passes in topological order.
 
     A group joins the current pass unless its consumers read a tensor that an earlier group of
-    the pass will change (anything downstream of that group's consumers, which are rescaled).
+    the pass will change (anything downstream of that group's consumers, which are rescaled),
+    or share a consumer with it (two groups feeding one Concat).
     """
     index = GraphIndex.build(model)
     waves: list[list[ChannelGroup]] = []
     current: list[ChannelGroup] = []
     changed: set[str] = set()
     for group in groups:
-        if current and (any(c.input in changed for c in group.consumers) or group.producer in changed):
+        readers = {c.node for c in group.consumers}
+        if current and (any(c.input in changed for c in group.consumers) or readers & changed
+                        or group.producer in changed):
             waves.append(current)
             current, changed = [], set()
         current.append(group)
-        changed |= _downstream(index, [c.node for c in group.consumers])
+        changed |= _downstream(index, sorted(readers))
     if current:
         waves.append(current)
     return waves
@@ -238,7 +241,14 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
         if progress is not None:
             progress(done, total)
 
-    for wave in waves:
+    for planned in waves:
+        # Re-read the groups on the model as pruned so far: offsets into Concats and shape
+        # constants shift when a neighbouring group has been cut.
+        fresh = {g.producer: g for g in analyze(current).groups}
+        missing = [g.producer for g in planned if g.producer not in fresh]
+        if missing:
+            raise ThinetError(f"internal error: {', '.join(missing)} no longer prunable after earlier cuts")
+        wave = [fresh[g.producer] for g in planned]
         stats = collect_statistics(
             current, wave, data, train, batch_size=config.batch_size,
             per_image=config.samples_per_image, seed=int(rng.integers(2**31)),
