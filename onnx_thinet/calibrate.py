@@ -161,14 +161,17 @@ def collect_statistics(
                 sampler = _sampler(consumer, nodes[consumer.node], x.shape, weights[consumer.node],
                                    count, rng)
                 contrib = sampler(x, weights[consumer.node])
-                if ref_session is not None:
-                    target = sampler(ref_values[consumer.input], ref_weights[consumer.node]).sum(axis=1)
-                else:
-                    target = contrib.sum(axis=1)
-                entry = stats[group.producer][consumer.node]
                 axis = 1 if consumer.kind == "conv" else x.ndim - 1
                 indicator = channel_indicator(consumer.weight.layout, group.channels, x.shape[axis])
-                entry.add(contrib @ indicator, target)
+                per_channel = contrib @ indicator
+                # The target is the group's share of the output; other inputs of the consumer
+                # (a Concat's foreign entries) are not touched by this selection.
+                target = per_channel.sum(axis=1)
+                if ref_session is not None:
+                    reference_total = sampler(ref_values[consumer.input], ref_weights[consumer.node]).sum(axis=1)
+                    target = target + reference_total - contrib.sum(axis=1)
+                entry = stats[group.producer][consumer.node]
+                entry.add(per_channel, target)
                 _count_zeros(entry, x, axis, indicator)
                 if refit:
                     ref_x = ref_values[consumer.input] if ref_session is not None else x

@@ -331,9 +331,8 @@ def _reshape(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     flow = _data_flow(node, flows)
     if isinstance(flow, Step):
         return flow
-    dims = ctx.index.shapes.get(flow.tensor)
-    out_dims = ctx.index.shapes.get(node.output[0])
-    if dims is None or out_dims is None or not all(isinstance(d, int) for d in dims + out_dims):
+    dims, out_dims = _concrete(ctx.index.shapes.get(flow.tensor), ctx.index.shapes.get(node.output[0]))
+    if dims is None:
         return _blocked("Reshape shapes are not static")
     groups = _reshape_groups(list(dims), list(out_dims))
     if groups is None:
@@ -350,6 +349,21 @@ def _reshape(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     elif groups[position] != (position, position + 1) and _shape_entry(ctx, node, position) == 0:
         return _blocked("Reshape copies a dim that is not the channel axis")
     return step
+
+
+def _concrete(dims, out_dims):
+    """Both shapes as ints, the batch counted as 1: a symbolic dim shared by both, or a symbolic
+    leading dim in and an unknown leading dim out (shape inference loses the name there)."""
+    if dims is None or out_dims is None:
+        return None, None
+    shared = {d for d in dims if isinstance(d, str)} & {d for d in out_dims if isinstance(d, str)}
+    dims = [1 if d in shared else d for d in dims]
+    out_dims = [1 if d in shared else d for d in out_dims]
+    if dims and out_dims and not isinstance(dims[0], int) and not isinstance(out_dims[0], int):
+        dims, out_dims = [1, *dims[1:]], [1, *out_dims[1:]]
+    if not all(isinstance(d, int) for d in dims + out_dims):
+        return None, None
+    return dims, out_dims
 
 
 def _shape_entry(ctx: RuleContext, node: onnx.NodeProto, position: int) -> int | None:

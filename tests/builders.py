@@ -165,3 +165,149 @@ def calibration(model: onnx.ModelProto, n: int = 64, seed: int = 1) -> np.ndarra
     dims = [d.dim_value or n for d in model.graph.input[0].type.tensor_type.shape.dim]
     dims[0] = n
     return np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
+
+
+# --- graph families from real exporters (issue: any ONNX CNN) ------------------------------
+
+
+def _silu(n: Net, x: str, name: str) -> str:
+    return n.node("Mul", [x, n.node("Sigmoid", [x], f"{name}_sig")], name)
+
+
+def concat_two_producers(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """a(6) and b(4) → Concat → conv: each producer cut inside its own slice of the concat."""
+    n = Net(seed)
+    a = n.node("Relu", [n.conv("x", "a", 3, 6)], "ra")
+    b = n.node("Relu", [n.conv("x", "b", 3, 4)], "rb")
+    cat = n.node("Concat", [a, b], "cat", axis=1)
+    n.conv(cat, "head", 10, 5)
+    n.plant("a", "head.w", [0, 2, 3])
+    _plant_at(n, "b", "head.w", [1, 3], offset=6)
+    return n.model(["N", 3, 8, 8], "head", ["N", 5, 8, 8]), n.dead
+
+
+def _plant_at(n: Net, producer: str, weight: str, dead: list[int], offset: int) -> None:
+    arrays = {t.name: numpy_helper.to_array(t).copy() for t in n.inits}
+    arrays[weight][:, [offset + d for d in dead]] = 0.0
+    arrays[f"{producer}.w"][dead] *= 10.0
+    n._replace(weight, arrays[weight])
+    n._replace(f"{producer}.w", arrays[f"{producer}.w"])
+    n.dead[producer] = sorted(dead)
+
+
+def sppf(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """YOLO SPPF: cv1 → SiLU → MaxPool×3 chain → Concat(x, p1, p2, p3) → cv2: 4 copies of cv1."""
+    n = Net(seed)
+    x = _silu(n, n.conv("x", "cv1", 3, 6, k=1, pads=[0, 0, 0, 0]), "act1")
+    pools = [x]
+    for i in range(3):
+        pools.append(n.node("MaxPool", [pools[-1]], f"pool{i}", kernel_shape=[5, 5], pads=[2, 2, 2, 2]))
+    cat = n.node("Concat", pools, "cat", axis=1)
+    n.conv(cat, "cv2", 24, 5, k=1, pads=[0, 0, 0, 0])
+    dead = [1, 2, 4]
+    for copy in range(4):
+        _plant_at(n, "cv1", "cv2.w", dead, offset=6 * copy)
+    arrays = {t.name: numpy_helper.to_array(t).copy() for t in n.inits}
+    arrays["cv1.w"][dead] /= 10.0**3  # _plant_at scaled them once per copy; keep one ×10
+    n._replace("cv1.w", arrays["cv1.w"])
+    return n.model(["N", 3, 10, 10], "cv2", ["N", 5, 10, 10]), n.dead
+
+
+def c2f_split(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """YOLOv8 C2f without shortcut: cv1 → Split → (y0, y1); y1 → bottleneck; Concat → cv2."""
+    n = Net(seed)
+    y = _silu(n, n.conv("x", "cv1", 3, 8, k=1, pads=[0, 0, 0, 0]), "act1")
+    n.nodes.append(helper.make_node("Split", [y, n.const("sizes", np.array([4, 4], np.int64))],
+                                    ["y0", "y1"], name="split", axis=1))
+    m = _silu(n, n.conv("y1", "m_cv1", 4, 4), "m_act1")
+    m = _silu(n, n.conv(m, "m_cv2", 4, 4), "m_act2")
+    cat = n.node("Concat", ["y0", "y1", m], "cat", axis=1)
+    n.conv(cat, "cv2", 12, 6, k=1, pads=[0, 0, 0, 0])
+    # cv1 channels 1, 3 (in y0) and 5, 6 (in y1 as 1, 2) are dead everywhere they are read.
+    arrays = {t.name: numpy_helper.to_array(t).copy() for t in n.inits}
+    arrays["cv2.w"][:, [1, 3, 5, 6]] = 0.0
+    arrays["m_cv1.w"][:, [1, 2]] = 0.0
+    arrays["cv1.w"][[1, 3, 5, 6]] *= 10.0
+    for name in ("cv2.w", "m_cv1.w", "cv1.w"):
+        n._replace(name, arrays[name])
+    n.dead["cv1"] = [1, 3, 5, 6]
+    n.plant("m_cv1", "m_cv2.w", [0, 3])
+    _plant_at(n, "m_cv2", "cv2.w", [1, 2], offset=8)
+    return n.model(["N", 3, 8, 8], "cv2", ["N", 6, 8, 8]), n.dead
+
+
+def tf2onnx_nhwc(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """Keras through tf2onnx: NHWC input, Transpose pairs around convs, BN as Mul/Add on the last
+    axis, flatten as Shape→Gather→Unsqueeze→Concat→Reshape, Dense as MatMul + Add."""
+    n = Net(seed)
+    h = n.node("Transpose", ["x"], "to_nchw1", perm=[0, 3, 1, 2])
+    h = n.node("Transpose", [n.conv(h, "conv1", 3, 6)], "to_nhwc1", perm=[0, 2, 3, 1])
+    h = n.node("Mul", [h, n.weight("bn1_scale", (6,))], "bn1_mul")
+    h = n.node("Add", [h, n.weight("bn1_shift", (6,))], "bn1_add")
+    h = n.node("Relu", [h], "relu1")
+    h = n.node("Transpose", [h], "to_nchw2", perm=[0, 3, 1, 2])
+    h = n.node("Relu", [n.conv(h, "conv2", 6, 4, strides=[2, 2])], "relu2")
+    h = n.node("Transpose", [h], "to_nhwc2", perm=[0, 2, 3, 1])
+    shape = n.node("Shape", [h], "shape")
+    batch = n.node("Gather", [shape, n.const("zero_idx", np.array(0, np.int64))], "batch", axis=0)
+    batch = n.node("Unsqueeze", [batch, n.const("axes0", np.array([0], np.int64))], "batch1")
+    target = n.node("Concat", [batch, n.const("minus_one", np.array([-1], np.int64))], "target", axis=0)
+    h = n.node("Reshape", [h, target], "flatten")
+    h = n.node("MatMul", [h, n.weight("dense.w", (4 * 4 * 4, 5))], "dense")
+    n.node("Add", [h, n.weight("dense.b", (5,), 0.1)], "logits")
+    n.plant("conv1", "conv2.w", [0, 2, 5])
+    arrays = {t.name: numpy_helper.to_array(t).copy() for t in n.inits}
+    dense = arrays["dense.w"].reshape(16, 4, 5)  # NHWC flatten: channel is the fastest index
+    dense[:, [1, 2]] = 0.0
+    arrays["conv2.w"][[1, 2]] *= 10.0
+    n._replace("dense.w", dense.reshape(64, 5))
+    n._replace("conv2.w", arrays["conv2.w"])
+    n.dead["conv2"] = [1, 2]
+    return n.model(["N", 8, 8, 3], "logits", ["N", 5]), n.dead
+
+
+def se_block(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """MobileNetV3/EfficientNet block: expand → dw → SE (GAP→conv→Relu→conv→Sigmoid→Mul) → project."""
+    n = Net(seed)
+    h = n.node("Relu", [n.conv("x", "expand", 3, 8, k=1, pads=[0, 0, 0, 0])], "relu_e")
+    h = n.node("Relu", [n.conv(h, "dw", 8, 8, group=8)], "relu_dw")
+    s = n.node("GlobalAveragePool", [h], "se_pool")
+    s = n.node("Relu", [n.conv(s, "se_reduce", 8, 6, k=1, pads=[0, 0, 0, 0])], "se_relu")
+    s = n.node("Sigmoid", [n.conv(s, "se_expand", 6, 8, k=1, pads=[0, 0, 0, 0])], "se_gate")
+    h = n.node("Mul", [h, s], "se_mul")
+    n.conv(h, "project", 8, 4, k=1, pads=[0, 0, 0, 0])
+    n.plant("se_reduce", "se_expand.w", [0, 2, 5])
+    n._replace("se_reduce.b", np.full(6, 3.0, np.float32))  # every SE unit active: no ties at zero
+    return n.model(["N", 3, 8, 8], "project", ["N", 4, 8, 8]), n.dead
+
+
+def yolo_head(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """Neck and head: conv → SiLU → Resize ×2 → Concat(skip) → conv; head branches → Concat →
+    Reshape → Softmax (DFL-like) at the output. Inner head convs are prunable, box convs are not."""
+    n = Net(seed)
+    skip = _silu(n, n.conv("x", "stem", 3, 4), "stem_act")
+    h = _silu(n, n.conv(skip, "down", 4, 6, strides=[2, 2]), "down_act")
+    roi, scales = n.const("roi", np.zeros(0, np.float32)), n.const("scales", np.array([1, 1, 2, 2], np.float32))
+    up = n.node("Resize", [h, roi, scales], "up", mode="nearest")
+    cat = n.node("Concat", [up, skip], "neck_cat", axis=1)
+    h = _silu(n, n.conv(cat, "neck", 10, 8), "neck_act")
+    box = _silu(n, n.conv(h, "box1", 8, 6), "box1_act")
+    box = n.conv(box, "box2", 6, 8, k=1, pads=[0, 0, 0, 0])
+    cls = _silu(n, n.conv(h, "cls1", 8, 6), "cls1_act")
+    cls = n.conv(cls, "cls2", 6, 3, k=1, pads=[0, 0, 0, 0])
+    out = n.node("Concat", [box, cls], "head_cat", axis=1)
+    out = n.node("Reshape", [out, n.const("head_shape", np.array([0, 11, -1], np.int64))], "head_flat")
+    n.node("Softmax", [out], "probs", axis=1)
+    n.plant("box1", "box2.w", [1, 4, 5])
+    n.plant("cls1", "cls2.w", [0, 2, 3])
+    return n.model(["N", 3, 8, 8], "probs", ["N", 11, 64]), n.dead
+
+
+FAMILIES.update({
+    "concat_two_producers": concat_two_producers,
+    "sppf": sppf,
+    "c2f_split": c2f_split,
+    "tf2onnx_nhwc": tf2onnx_nhwc,
+    "se_block": se_block,
+    "yolo_head": yolo_head,
+})
