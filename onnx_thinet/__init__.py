@@ -8,6 +8,7 @@ from onnx_thinet.data import Preprocess, load_calibration, parse_preprocess
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.graph import canonicalize, load_model, save_model_atomic
 from onnx_thinet.slim import GroupResult, SlimConfig, SlimResult, slim
+from onnx_thinet.torch_export import export_torch, to_onnx
 
 __all__ = [
     "Analysis",
@@ -23,11 +24,13 @@ __all__ = [
     "ThinetError",
     "analyze",
     "canonicalize",
+    "export_torch",
     "load_calibration",
     "load_model",
     "parse_preprocess",
     "save_model_atomic",
     "slim",
+    "to_onnx",
 ]
 
 __version__ = "0.1.0"
