@@ -33,13 +33,16 @@ def opset_version(model: onnx.ModelProto) -> int:
     return 1
 
 
-def analyze(model: onnx.ModelProto) -> Analysis:
+def analyze(model: onnx.ModelProto, prune_coupled: bool = False) -> Analysis:
     """Find every prunable producer (Conv group=1, Gemm, MatMul with constant weights).
 
     A producer is prunable when every path from its output reaches consumers (Conv, Gemm,
     MatMul) only through ops whose rule proves they act per channel. A path that meets a
-    residual Add or Concat makes the channels coupled; an unknown op or a graph output
+    residual Add or a gating Mul makes the channels coupled; an unknown op or a graph output
     makes the producer skipped. Neither stops analysis of other producers.
+
+    With `prune_coupled`, producers tied by residual Adds or gating Muls are gathered into one
+    group (every producer whose output is summed into the same tensors) and pruned jointly.
     """
     if not model.graph.value_info:
         model = infer_shapes(model)
@@ -50,14 +53,83 @@ def analyze(model: onnx.ModelProto) -> Analysis:
         start = _producer_start(index, node)
         if start is None:
             continue
-        outcome = _walk(index, node, start, opset)
+        outcome = _walk(index, [node], [start], opset)
         if isinstance(outcome, ChannelGroup):
             groups.append(outcome)
         elif isinstance(outcome, Coupled):
             coupled.append(outcome)
         else:
             skipped.append(outcome)
+    if prune_coupled and coupled:
+        joint, coupled = _join_coupled(index, coupled, opset)
+        groups = sorted(groups + joint, key=lambda g: index.order[g.producers[0]])
     return Analysis(tuple(groups), tuple(coupled), tuple(skipped))
+
+
+def _join_coupled(index: GraphIndex, coupled: list[Coupled], opset: int):
+    """Grow each coupled producer into the set of producers tied to it and walk them together."""
+    joint: list[ChannelGroup] = []
+    left: dict[str, Coupled] = {c.producer: c for c in coupled}
+    nodes = {n.name: n for n in index.model.graph.node}
+    for first in list(left):
+        if first not in left:
+            continue
+        members, outcome = {first}, left[first]
+        for _ in range(64):
+            tied = _tied_producers(index, nodes[outcome.node], members)
+            if not tied:
+                break
+            members |= tied
+            ordered = sorted(members, key=index.order.__getitem__)
+            starts = [_producer_start(index, nodes[m]) for m in ordered]
+            if any(s is None for s in starts) or len({s.channels for s in starts}) != 1:
+                break
+            outcome = _walk(index, [nodes[m] for m in ordered], starts, opset)
+            if not isinstance(outcome, Coupled):
+                break
+        if isinstance(outcome, ChannelGroup):
+            joint.append(outcome)
+            for member in members:
+                left.pop(member, None)
+    return joint, list(left.values())
+
+
+def _tied_producers(index: GraphIndex, node: onnx.NodeProto, members: set[str]) -> set[str] | None:
+    """Producers feeding the other operand of a coupling node, not yet in `members`."""
+    found: set[str] = set()
+    for name in node.input:
+        origins = _origins(index, name, depth=0)
+        if origins is None:
+            continue
+        found |= origins
+    new = found - members
+    return new or None
+
+
+_THROUGH = {
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Elu", "Selu", "Tanh", "Clip",
+    "Identity", "Dropout", "BatchNormalization", "Cast", "MaxPool", "AveragePool", "Pad",
+    "Resize", "Upsample", "PRelu", "Softplus", "Gelu", "Mish",
+}
+
+
+def _origins(index: GraphIndex, tensor: str, depth: int) -> set[str] | None:
+    """Producers whose channels reach `tensor` through per-channel ops and residual sums."""
+    node = index.producer.get(tensor)
+    if node is None or depth > 256:
+        return None
+    if _producer_start(index, node) is not None:
+        return {node.name}
+    if node.op_type in _THROUGH:
+        return _origins(index, node.input[0], depth + 1)
+    if node.op_type == "Conv" and index.const(node.input[1]) is not None:
+        return _origins(index, node.input[0], depth + 1)  # depthwise: channel for channel
+    if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2:
+        parts = [_origins(index, i, depth + 1) for i in node.input if index.const(i) is None]
+        if any(p is None for p in parts):
+            return None
+        return set().union(*parts)
+    return None
 
 
 @dataclass(frozen=True)
@@ -103,28 +175,35 @@ def _producer_start(index: GraphIndex, node: onnx.NodeProto) -> _Start | None:
 
 
 def _walk(
-    index: GraphIndex, producer: onnx.NodeProto, start: _Start, opset: int
+    index: GraphIndex, producers: list[onnx.NodeProto], starts: list[_Start], opset: int
 ) -> ChannelGroup | Coupled | Skipped:
-    """Follow the producer's channels forward, node by node in topological order.
+    """Follow the producers' channels forward, node by node in topological order.
 
     Each node sees every one of its inputs that carries the channels at once, so ops that
-    combine a tensor with itself (SiLU as x·sigmoid(x), SPPF's Concat of pooled copies) are
-    judged with all their inputs known.
+    combine a tensor with itself (SiLU as x·sigmoid(x), SPPF's Concat of pooled copies, a
+    residual Add of two producers of one joint group) are judged with all inputs known.
     """
+    producer, start = producers[0], starts[0]
+    name = " + ".join(p.name for p in producers)
+    own = {p.name for p in producers}
     ctx = RuleContext(index, start.channels, opset)
-    flows = {start.flow.tensor: start.flow}
+    flows = {s.flow.tensor: s.flow for s in starts}
     steps: list[Step] = []
     consumers: list[Consumer] = []
     path: list[str] = []
     for node in index.model.graph.node[index.position(producer) + 1 :]:
         inputs = {k: flows[name] for k, name in enumerate(node.input) if name in flows}
+        if node.name in own:
+            if inputs:
+                return Skipped(name, node.name, "a producer of the group reads the group's channels")
+            continue
         if not inputs:
             continue
         step = _apply_rule(ctx, node, inputs)
         if step.coupled is not None:
-            return Coupled(producer.name, start.channels, node.name, step.coupled)
+            return Coupled(name, start.channels, node.name, step.coupled)
         if step.blocked is not None:
-            return Skipped(producer.name, node.name, f"{node.op_type}: {step.blocked}")
+            return Skipped(name, node.name, f"{node.op_type}: {step.blocked}")
         if step.consumer is not None:
             consumers.append(step.consumer)
             continue
@@ -134,19 +213,20 @@ def _walk(
             flows[out.tensor] = out
     reached_output = next((t for t in flows if t in index.graph_outputs), None)
     if reached_output is not None:
-        return Skipped(producer.name, reached_output, f"channels reach graph output {reached_output!r}")
+        return Skipped(name, reached_output, f"channels reach graph output {reached_output!r}")
     if not consumers:
-        return Skipped(producer.name, producer.name, "no Conv, Gemm or MatMul reads these channels")
+        return Skipped(name, producer.name, "no Conv, Gemm or MatMul reads these channels")
     return ChannelGroup(
-        producer=producer.name,
+        producer=name,
         producer_op=producer.op_type,
         channels=start.channels,
         output=start.flow.tensor,
-        slices=start.slices + tuple(s for step in steps for s in step.slices),
+        slices=tuple(s for st in starts for s in st.slices) + tuple(s for step in steps for s in step.slices),
         consumers=tuple(consumers),
         attr_updates=tuple(u for step in steps for u in step.attr_updates),
         shape_fixes=tuple(f for step in steps for f in step.shape_fixes),
         path=tuple(path),
+        producers=tuple(p.name for p in producers),
     )
 
 

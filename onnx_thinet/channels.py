@@ -150,7 +150,11 @@ class Consumer:
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    """A producer's output channels, everything sliced with them, and the layers that read them."""
+    """A producer's output channels, everything sliced with them, and the layers that read them.
+
+    Producers tied by residual sums form one joint group: `producer` then names them all
+    ("a + b") and `producers` lists them.
+    """
 
     producer: str
     producer_op: str
@@ -161,6 +165,7 @@ class ChannelGroup:
     attr_updates: tuple[AttrUpdate, ...] = ()
     shape_fixes: tuple[ShapeFix, ...] = ()
     path: tuple[str, ...] = ()
+    producers: tuple[str, ...] = ()  # every producer node; several when pruned jointly
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,9 @@ def slim_command(
     channel_multiple: Annotated[int, typer.Option("--channel-multiple", help="Round kept channel counts up to a multiple (8 suits most GPU kernels).")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda (onnxruntime provider).")] = "auto",
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Canonicalize with onnx-simplifier and onnxruntime's basic optimizer first.")] = True,
+    prune_coupled: Annotated[bool, typer.Option("--prune-coupled", help="Also prune channels tied by residual Adds / gating Muls, jointly across the tied producers.")] = False,
+    finetune_data: Annotated[Optional[Path], typer.Option("--finetune-data", help="Layer-by-layer schedule: fine-tune on this .npz/.npy after each pruning pass (needs torch).")] = None,
+    finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="Optimizer steps of each in-between fine-tune.")] = 0,
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Prune only this producer (repeatable; names as `inspect` shows them).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
@@ -83,7 +86,8 @@ def slim_command(
         keep_ratio=keep_ratio, method=method, reconstruct=reconstruct, correct=correct, seed=seed,
         samples_per_image=samples_per_image, batch_size=batch_size, holdout=holdout,
         device=device, simplify=simplify, channel_multiple=channel_multiple,
-        only=tuple(only) if only else None,
+        only=tuple(only) if only else None, prune_coupled=prune_coupled,
+        finetune_data=str(finetune_data) if finetune_data else None, finetune_steps=finetune_steps,
     )
     config.validate()
     output = output or model.with_name(model.stem + ".slim.onnx")
@@ -177,12 +181,13 @@ def _print_slim_summary(result: SlimResult, content: dict) -> None:
 def inspect_command(
     model: Annotated[Path, typer.Argument(help="ONNX model to analyse.")],
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify")] = True,
+    prune_coupled: Annotated[bool, typer.Option("--prune-coupled", help="Show the joint groups --prune-coupled would cut.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show prunable groups, coupled channels, params and FLOPs per layer (no calibration)."""
     original = load_model(model)
     canonical = canonicalize(original, simplify=simplify)
-    analysis = analyze(canonical)
+    analysis = analyze(canonical, prune_coupled=prune_coupled)
     costs = layer_costs(canonical)
     info = {
         "params": count_params(canonical),

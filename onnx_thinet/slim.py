@@ -44,7 +44,10 @@ class SlimConfig:
     device: str = "cpu"
     simplify: bool = True
     channel_multiple: int = 1
+    prune_coupled: bool = False  # prune producers tied by residual Adds / gating Muls jointly
     only: tuple[str, ...] | None = None  # prune just these producers (the others are kept)
+    finetune_data: str | None = None  # layer-by-layer schedule: fine-tune after each pass
+    finetune_steps: int = 0
 
     def validate(self) -> None:
         if not 0.0 < self.keep_ratio <= 1.0:
@@ -61,6 +64,8 @@ class SlimConfig:
             raise ThinetError("--batch-size and --channel-multiple must be at least 1")
         if self.samples_per_image is not None and self.samples_per_image < 1:
             raise ThinetError("--samples-per-image must be at least 1")
+        if self.finetune_steps < 0 or (self.finetune_steps > 0) != (self.finetune_data is not None):
+            raise ThinetError("--finetune-data and --finetune-steps (> 0) go together")
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,7 @@ def slim(
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     canonical = canonicalize(model, simplify=config.simplify)
-    analysis = analyze(canonical)
+    analysis = analyze(canonical, prune_coupled=config.prune_coupled)
     timings["analysis"] = time.perf_counter() - clock
     if not analysis.groups:
         raise ThinetError(_nothing_prunable(analysis))
@@ -219,12 +224,12 @@ def slim(
 def _chosen_groups(analysis: Analysis, only: tuple[str, ...] | None) -> tuple[ChannelGroup, ...]:
     if not only:
         return analysis.groups
-    names = {g.producer for g in analysis.groups}
+    names = {name for g in analysis.groups for name in (g.producer, *g.producers)}
     unknown = [name for name in only if name not in names]
     if unknown:
         raise ThinetError(f"--only: {', '.join(unknown)} is not a prunable producer "
                           f"(prunable: {', '.join(sorted(names))})")
-    return tuple(g for g in analysis.groups if g.producer in only)
+    return tuple(g for g in analysis.groups if {g.producer, *g.producers} & set(only))
 
 
 def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
@@ -244,7 +249,7 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
     for planned in waves:
         # Re-read the groups on the model as pruned so far: offsets into Concats and shape
         # constants shift when a neighbouring group has been cut.
-        fresh = {g.producer: g for g in analyze(current).groups}
+        fresh = {g.producer: g for g in analyze(current, prune_coupled=config.prune_coupled).groups}
         missing = [g.producer for g in planned if g.producer not in fresh]
         if missing:
             raise ThinetError(f"internal error: {', '.join(missing)} no longer prunable after earlier cuts")
@@ -261,17 +266,35 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
                 apply_selection(current, group, selection.kept, selection.scales, selection.refits)
             results.append(_group_result(group, selection, stats[group.producer]))
         current = infer_shapes(current)
+        if config.finetune_steps:
+            current = _finetune_between_passes(current, canonical, config)
     return current, results
+
+
+def _finetune_between_passes(current, teacher, config: SlimConfig):
+    """The paper's schedule: recover briefly (distillation from the original) before the next layer."""
+    from onnx_thinet.finetune import finetune_graph
+
+    tuned = finetune_graph(current, teacher, config.finetune_data, config.finetune_steps,
+                           seed=config.seed, device="cuda" if config.device == "cuda" else "cpu")
+    return infer_shapes(tuned)
 
 
 def _select_group(model, group: ChannelGroup, stats: dict[str, ConsumerStats], config, rng) -> Selection:
     keep = keep_count(group.channels, config.keep_ratio, config.channel_multiple)
-    producer_weight = group.slices[0]
-    node = next(n for n in model.graph.node if n.name == producer_weight.node)
-    weight = initializer_array(model, node.input[producer_weight.input_index])
-    axes = tuple(a for a in range(weight.ndim) if a != producer_weight.axis)
-    filter_l1 = np.abs(weight).sum(axis=axes)
-    return choose_channels(config.method, config.reconstruct, group, stats, keep, filter_l1, rng)
+    return choose_channels(config.method, config.reconstruct, group, stats, keep,
+                           _filter_l1(model, group), rng)
+
+
+def _filter_l1(model: onnx.ModelProto, group: ChannelGroup) -> np.ndarray:
+    """Sum of absolute weights of each output channel over all producers' weights (Li et al.)."""
+    nodes = {n.name: n for n in model.graph.node}
+    total = np.zeros(group.channels)
+    for item in group.slices:
+        if item.node in group.producers and item.input_index == 1:
+            weight = initializer_array(model, nodes[item.node].input[1])
+            total += np.abs(np.moveaxis(weight, item.axis, 0)).reshape(group.channels, -1).sum(axis=1)
+    return total
 
 
 def _group_result(group: ChannelGroup, selection: Selection, stats) -> GroupResult:

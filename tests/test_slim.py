@@ -206,3 +206,54 @@ def test_unknown_op_on_the_path_is_skipped_not_guessed_and_others_still_prune():
     assert [g.producer for g in analysis.groups] == ["conv1"]
     skipped = {s.producer: s for s in analysis.skipped}
     assert "LRN" in skipped["conv2"].reason
+
+
+def _residual_stage(seed: int = 0):
+    """stem → two residual blocks → head: stem, block1.conv2 and block2.conv2 are tied by Adds.
+
+    Planted: channels 1, 4, 6 of the tied tensor are exactly zero everywhere (zero filters in
+    all three producers, zero BN-free bias) and carry no weight in any reader.
+    """
+    n = builders.Net(seed)
+    x = n.node("Relu", [n.conv("x", "stem", 3, 8)], "stem_relu")
+    for b in (1, 2):
+        h = n.node("Relu", [n.conv(x, f"b{b}_conv1", 8, 6)], f"b{b}_relu1")
+        h = n.conv(h, f"b{b}_conv2", 6, 8)
+        x = n.node("Relu", [n.node("Add", [h, x], f"b{b}_add")], f"b{b}_relu")
+    n.conv(x, "head", 8, 4)
+    arrays = {t.name: numpy_helper.to_array(t).copy() for t in n.inits}
+    dead = [1, 4, 6]
+    for producer in ("stem", "b1_conv2", "b2_conv2"):
+        arrays[f"{producer}.w"][dead] = 0.0
+        arrays[f"{producer}.b"][dead] = 0.0
+    for reader in ("b1_conv1", "b2_conv1", "head"):
+        arrays[f"{reader}.w"][:, dead] = 0.0
+    for name, array in arrays.items():
+        n._replace(name, array)
+    return n.model(["N", 3, 8, 8], "head", ["N", 4, 8, 8]), dead
+
+
+def test_prune_coupled_cuts_residual_channels_jointly_and_exactly():
+    model, dead = _residual_stage()
+    plain = _slim(model, SlimConfig(keep_ratio=0.75))
+    assert {c.producer for c in plain.analysis.coupled} == {"stem", "b1_conv2", "b2_conv2"}
+    result = _slim(model, SlimConfig(keep_ratio=5 / 8, prune_coupled=True, only=("stem",)))
+    joint = next(g for g in result.groups if "stem" in g.producer)
+    assert joint.producer == "stem + b1_conv2 + b2_conv2"
+    assert set(joint.kept).isdisjoint(dead) and joint.channels_after == 5
+    assert set(joint.consumers) == {"b1_conv1", "b2_conv1", "head"}
+    assert not result.analysis.coupled
+    assert result.verification.rel_error < 1e-5
+    assert result.flops_after < plain.flops_before
+
+
+def test_prune_coupled_handles_squeeze_excitation_gates():
+    model, _ = builders.se_block()
+    plain = analyze(canonicalize(model))
+    assert "expand" in {c.producer for c in plain.coupled}
+    joint = analyze(canonicalize(model), prune_coupled=True)
+    assert "expand + se_expand" in {g.producer for g in joint.groups}
+    result = _slim(model, SlimConfig(keep_ratio=0.5, prune_coupled=True))
+    assert result.flops_after < result.flops_before
+    x = builders.calibration(model, n=4, seed=3)
+    assert _run(result.model, x).shape == _run(model, x).shape
