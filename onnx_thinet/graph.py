@@ -77,7 +77,7 @@ def _save_external(model: onnx.ModelProto, path: Path, tmp: Path) -> int:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     onnx.save_model(
         model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=tmp_data.name, size_threshold=1024,
+        location=tmp_data.name, size_threshold=0,
     )
     # The location recorded in the graph must name the final data file, not the temp one.
     for init in model.graph.initializer:
@@ -206,6 +206,10 @@ def _optimize_ort_basic(model: onnx.ModelProto) -> onnx.ModelProto:
         optimized = onnx.load(out)
     if any(n.domain not in ("", "ai.onnx") for n in optimized.graph.node):
         raise RuntimeError("optimizer introduced non-standard ops")
+    casts = sum(n.op_type == "Cast" for n in model.graph.node)
+    if sum(n.op_type == "Cast" for n in optimized.graph.node) > casts:
+        # float16 on CPU: the runtime wraps kernels in float32 Casts, not a change to keep
+        raise RuntimeError("optimizer inserted precision Casts")
     return _restore_model_fields(model, optimized)
 
 
