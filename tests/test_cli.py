@@ -206,3 +206,56 @@ def test_installed_entry_point_reports_errors_without_traceback(workdir):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:")
+
+
+def test_eval_reports_accuracy_and_agreement(workdir):
+    model = onnx.load(workdir / "net.onnx")
+    x = builders.calibration(model, n=30, seed=3)
+    session = ort.InferenceSession(str(workdir / "net.onnx"), providers=["CPUExecutionProvider"])
+    labels = session.run(None, {"x": x})[0].argmax(axis=1)
+    labels[:6] = (labels[:6] + 1) % 4  # 24 of 30 right
+    np.savez(workdir / "labelled.npz", x=x, y=labels)
+    result = _invoke("eval", workdir / "net.onnx", "--data", workdir / "labelled.npz",
+                     "--reference", workdir / "net.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["accuracy"] == pytest.approx(0.8)
+    assert info["top1_agreement"] == 1.0 and info["mean_abs_error"] == 0.0
+
+
+def test_eval_on_a_class_folder(tmp_path):
+    net = builders.Net(0)
+    h = net.node("GlobalAveragePool", [net.conv("x", "conv1", 3, 2, k=1, pads=[0, 0, 0, 0])], "gap")
+    net.node("Flatten", [h], "logits", axis=1)
+    onnx.save(net.model(["N", 3, 8, 8], "logits", ["N", 2]), tmp_path / "m.onnx")
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
+    result = _invoke("eval", tmp_path / "m.onnx", "--data", tmp_path / "data", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["samples"] == 6
+
+
+def test_eval_bad_data(workdir):
+    np.savez(workdir / "bad.npz", x=np.zeros((3, 3, 8, 8), np.float32))
+    _expect_error(_invoke("eval", workdir / "net.onnx", "--data", workdir / "bad.npz"), "'y'")
+
+
+def test_only_limits_pruning_to_named_producers(workdir):
+    result = _invoke("slim", workdir / "net.onnx", "--calib", workdir / "calib.npy", "--only", "fc1",
+                     "--report", workdir / "r.json", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((workdir / "r.json").read_text())
+    assert [g["producer"] for g in report["groups"]] == ["fc1"]
+    _expect_error(_invoke("slim", workdir / "net.onnx", "--calib", workdir / "calib.npy", "--only", "nope",
+                          "--force"), "--only")
+
+
+def test_inspect_shows_joint_groups_with_prune_coupled(tmp_path):
+    model, _ = builders.residual_block()
+    onnx.save(model, tmp_path / "res.onnx")
+    plain = json.loads(_invoke("inspect", tmp_path / "res.onnx", "--json").output)
+    joint = json.loads(_invoke("inspect", tmp_path / "res.onnx", "--json", "--prune-coupled").output)
+    assert {c["producer"] for c in plain["coupled"]} == {"stem", "conv2"}
+    assert "stem + conv2" in {g["producer"] for g in joint["groups"]} and not joint["coupled"]
