@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 from onnx_thinet.channels import ChannelGroup, Consumer, channel_indicator
 from onnx_thinet.data import CalibrationData
 from onnx_thinet.runtime import make_session, truncated_model
+from onnx_thinet.solvers import FitMoments
 
 __all__ = [
     "ConsumerStats",
@@ -80,34 +81,27 @@ class RefitStats:
     """Statistics to re-fit a consumer's whole weight (and bias) by least squares.
 
     Rows are sampled consumer inputs p (a conv's flattened window, a linear layer's input row),
-    targets are the consumer's outputs for every filter at that place.
+    targets are the consumer's outputs for every filter at that place. Rows of even and odd
+    images go to two folds, so the ridge can be cross-validated.
     """
 
     dims: int
     outputs: int
     in_channels: int  # input positions of the consumer's channel axis (dims = in_channels·window)
-    gram: np.ndarray = field(init=False)
-    cross: np.ndarray = field(init=False)
-    input_sum: np.ndarray = field(init=False)
-    target_sum: np.ndarray = field(init=False)
-    target_sq: float = 0.0
-    count: int = 0
+    prior: np.ndarray  # the consumer's current weights as a [dims, outputs] matrix
+    folds: tuple[FitMoments, FitMoments] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.gram = np.zeros((self.dims, self.dims))
-        self.cross = np.zeros((self.dims, self.outputs))
-        self.input_sum = np.zeros(self.dims)
-        self.target_sum = np.zeros(self.outputs)
+        self.folds = (FitMoments(self.dims, self.outputs), FitMoments(self.dims, self.outputs))
 
-    def add(self, inputs: np.ndarray, targets: np.ndarray) -> None:
-        p = inputs.astype(np.float64)
-        t = targets.astype(np.float64)
-        self.gram += p.T @ p
-        self.cross += p.T @ t
-        self.input_sum += p.sum(axis=0)
-        self.target_sum += t.sum(axis=0)
-        self.target_sq += float(np.sum(t * t))
-        self.count += len(p)
+    def add(self, inputs: np.ndarray, targets: np.ndarray, odd: np.ndarray) -> None:
+        for fold, rows in zip(self.folds, (~odd, odd)):
+            if rows.any():
+                fold.add(inputs[rows], targets[rows])
+
+    @property
+    def total(self) -> FitMoments:
+        return self.folds[0] + self.folds[1]
 
 
 def samples_per_image(channels: int, images: int, requested: int | None) -> int:
@@ -128,6 +122,7 @@ def collect_statistics(
     seed: int = 0,
     device: str = "cpu",
     reference: onnx.ModelProto | None = None,
+    kept_outputs: dict[str, np.ndarray] | None = None,
     refit: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, dict[str, ConsumerStats]]:
@@ -135,20 +130,24 @@ def collect_statistics(
 
     `model` is the network as pruned so far; with `reference` (the original network) the
     targets ŷ come from it instead, so reconstruction also corrects earlier layers' error.
-    With `refit`, each ConsumerStats also carries RefitStats for `--reconstruct full`.
+    `kept_outputs[node]` lists which of the reference's output filters a consumer still has
+    (it may already have been cut as the producer of an earlier group). With `refit`, each ConsumerStats also carries RefitStats for `--reconstruct full`.
     Returns stats[group.producer][consumer.node].
     """
     tensors = sorted({c.input for g in groups for c in g.consumers})
     session = make_session(truncated_model(model, tensors), device)
     ref_session = make_session(truncated_model(reference, tensors), device) if reference else None
     weights = {c.node: _consumer_weight(model, c) for g in groups for c in g.consumers}
-    ref_weights = (
-        {c.node: _consumer_weight(reference, c) for g in groups for c in g.consumers} if reference else {}
-    )
+    consumers = [c for g in groups for c in g.consumers]
+    maps = kept_outputs or {}
+    if reference is not None:
+        ref_weights = {c.node: _filters(_consumer_weight(reference, c), c, maps.get(c.node)) for c in consumers}
+        biases = {c.node: _filters(_consumer_bias(reference, c), c, maps.get(c.node), bias=True)
+                  for c in consumers}
+    else:
+        ref_weights, biases = {}, {c.node: _consumer_bias(model, c) for c in consumers}
     nodes = {n.name: n for n in model.graph.node}
     stats = {g.producer: {c.node: ConsumerStats(g.channels) for c in g.consumers} for g in groups}
-    targets_from = (reference, ref_weights) if reference else (model, weights)
-    biases = {c.node: _consumer_bias(targets_from[0], c) for g in groups for c in g.consumers}
     rng = np.random.default_rng(seed)
     for start in range(0, len(indices), batch_size):
         feeds = data.batch(indices[start : start + batch_size])
@@ -177,7 +176,7 @@ def collect_statistics(
                     ref_x = ref_values[consumer.input] if ref_session is not None else x
                     weight = (ref_weights if ref_session is not None else weights)[consumer.node]
                     _add_refit(entry, consumer, nodes[consumer.node], x, ref_x, weight,
-                               biases[consumer.node], len(indices), rng)
+                               biases[consumer.node], len(indices), rng, first_image=start)
         if progress is not None:
             progress(len(feeds[next(iter(feeds))]))
     return stats
@@ -195,7 +194,7 @@ def _sampler(consumer: Consumer, node, x_shape, weight, count: int, rng):
 
 
 def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight, bias,
-               images: int, rng) -> None:
+               images: int, rng, first_image: int) -> None:
     """Sample whole consumer inputs at random places; targets are all outputs there."""
     if consumer.kind == "conv":
         dims = int(np.prod(weight.shape[1:]))
@@ -206,12 +205,25 @@ def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight,
         inputs = conv_patches(x, weight.shape, geometry, at).reshape(len(at.row), -1)
         ref_inputs = conv_patches(ref_x, weight.shape, geometry, at).reshape(len(at.row), -1)
         targets = ref_inputs @ weight.reshape(weight.shape[0], -1).T.astype(np.float64) + bias
+        image = at.row
     else:
         inputs = x.reshape(-1, x.shape[-1])
         targets = ref_x.reshape(-1, ref_x.shape[-1]).astype(np.float64) @ weight + bias
+        image = np.arange(len(inputs)) // (len(inputs) // x.shape[0])
     if entry.refit is None:
-        entry.refit = RefitStats(inputs.shape[1], targets.shape[1], x.shape[1 if consumer.kind == "conv" else -1])
-    entry.refit.add(inputs, targets)
+        prior = weight.reshape(weight.shape[0], -1).T if consumer.kind == "conv" else weight
+        in_channels = x.shape[1 if consumer.kind == "conv" else -1]
+        entry.refit = RefitStats(inputs.shape[1], targets.shape[1], in_channels, prior.astype(np.float64))
+    entry.refit.add(inputs, targets, (first_image + image) % 2 == 1)
+
+
+def _filters(values, consumer: Consumer, kept: np.ndarray | None, bias: bool = False):
+    """The reference's weight or bias restricted to the output filters the consumer still has."""
+    if kept is None or np.ndim(values) == 0:
+        return values
+    if bias or consumer.kind == "conv":
+        return values[kept]
+    return values[:, kept]
 
 
 def _consumer_bias(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray | float:

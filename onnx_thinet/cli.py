@@ -64,8 +64,9 @@ def slim_command(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path [default: MODEL.slim.onnx].")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
     method: Annotated[str, typer.Option("--method", help="thinet | thinet-ls | l1 | apoz | random.")] = "thinet",
-    reconstruct: Annotated[str, typer.Option("--reconstruct", help="none | scale (least-squares channel scales).")] = "scale",
-    correct: Annotated[bool, typer.Option("--correct/--no-correct", help="Targets from the original network (absorbs earlier layers' error).")] = False,
+    reconstruct: Annotated[str, typer.Option("--reconstruct", help="none | scale (ThiNet's per-channel least-squares factors) | full (refit each reader's weights and bias).")] = "full",
+    correct: Annotated[bool, typer.Option("--correct/--no-correct", help="Targets from the original network, so each layer also absorbs earlier layers' error.")] = True,
+    ridge: Annotated[Optional[float], typer.Option("--ridge", help="Relative ridge of the full refit [default: chosen by 2-fold cross-validation per layer].")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     preprocess: Annotated[str, typer.Option("--preprocess", help="Image folders: imagenet | caffe | unit [,size=,resize=,mean=a:b:c,std=,layout=nchw|nhwc,bgr=].")] = "unit",
     samples_per_image: Annotated[Optional[int], typer.Option("--samples-per-image", help="Sampled outputs per image and layer [default: max(10, 20*channels/images)].")] = None,
@@ -83,7 +84,7 @@ def slim_command(
 ) -> None:
     """Prune filters with ThiNet and write a thinner, verified ONNX model."""
     config = SlimConfig(
-        keep_ratio=keep_ratio, method=method, reconstruct=reconstruct, correct=correct, seed=seed,
+        keep_ratio=keep_ratio, method=method, reconstruct=reconstruct, correct=correct, ridge=ridge, seed=seed,
         samples_per_image=samples_per_image, batch_size=batch_size, holdout=holdout,
         device=device, simplify=simplify, channel_multiple=channel_multiple,
         only=tuple(only) if only else None, prune_coupled=prune_coupled,

@@ -13,6 +13,7 @@ from onnx_thinet.channels import ChannelGroup, Consumer, removed_positions
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.solvers import (
     reconstruction_error,
+    choose_ridge,
     refit_error,
     refit_least_squares,
     rescale_least_squares,
@@ -35,6 +36,7 @@ class Refit:
 
     matrix: np.ndarray
     bias: np.ndarray | None
+    ridge: float = 0.0  # the relative ridge used (cross-validated unless given)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ def choose_channels(
     keep: int,
     filter_l1: np.ndarray,
     rng: np.random.Generator,
+    ridge: float | None = None,
 ) -> Selection:
     """Pick `keep` channels with `method` (several consumers: their samples stacked), then
     reconstruct: `none` slices, `scale` fits one factor per kept channel, `full` re-fits every
@@ -69,7 +72,7 @@ def choose_channels(
     if reconstruct == "none":
         return Selection(kept, None, before, before)
     if reconstruct == "full":
-        return _refit_consumers(group, stats, kept, before)
+        return _refit_consumers(group, stats, kept, before, ridge)
     scales = {name: rescale_least_squares(s.gram, s.corr, kept) for name, s in stats.items()}
     return Selection(kept, scales, before, _stacked_error(stats, kept, scales))
 
@@ -88,7 +91,8 @@ def _select(method: str, total: ConsumerStats, keep: int, filter_l1, rng) -> np.
     return select_random(total.channels, keep, rng)
 
 
-def _refit_consumers(group: ChannelGroup, stats, kept: np.ndarray, before: float) -> Selection:
+def _refit_consumers(group: ChannelGroup, stats, kept: np.ndarray, before: float,
+                     ridge: float | None) -> Selection:
     refits, squared, total = {}, 0.0, 0.0
     for consumer in group.consumers:
         refit = stats[consumer.node].refit
@@ -96,12 +100,17 @@ def _refit_consumers(group: ChannelGroup, stats, kept: np.ndarray, before: float
             raise ValueError(f"no refit statistics for {consumer.node}")
         columns = _refit_columns(consumer, group.channels, refit, kept)
         intercept = consumer.bias_index is not None
-        args = (refit.gram, refit.cross, refit.input_sum, refit.target_sum, refit.count)
-        matrix, bias = refit_least_squares(*args, columns, intercept=intercept)
-        error = refit_error(*args, refit.target_sq, columns, matrix, bias)
-        squared += error**2 * refit.target_sq
-        total += refit.target_sq
-        refits[consumer.node] = Refit(matrix, bias if intercept else None)
+        if ridge is None:
+            chosen = choose_ridge(refit.folds, columns, intercept, prior=refit.prior)
+        else:
+            chosen = ridge
+        moments = refit.total
+        matrix, bias = refit_least_squares(moments, columns, intercept=intercept, ridge=chosen,
+                                           prior=refit.prior)
+        error = refit_error(moments, columns, matrix, bias)
+        squared += error**2 * moments.target_sq
+        total += moments.target_sq
+        refits[consumer.node] = Refit(matrix, bias if intercept else None, chosen)
     after = float(np.sqrt(squared / total)) if total > 0 else 0.0
     return Selection(kept, None, before, after, refits)
 

@@ -35,8 +35,9 @@ class SlimConfig:
 
     keep_ratio: float = 0.5
     method: str = "thinet"
-    reconstruct: str = "scale"
-    correct: bool = False
+    reconstruct: str = "full"  # measured best on the reference models (README, docs/results.md)
+    correct: bool = True
+    ridge: float | None = None  # relative ridge of the full refit; None: cross-validated
     seed: int = 0
     samples_per_image: int | None = None
     batch_size: int = 32
@@ -60,6 +61,8 @@ class SlimConfig:
             )
         if not 0.0 <= self.holdout < 1.0:
             raise ThinetError(f"--holdout must be in [0, 1) (got {self.holdout})")
+        if self.ridge is not None and self.ridge < 0:
+            raise ThinetError(f"--ridge must be non-negative (got {self.ridge})")
         if self.batch_size < 1 or self.channel_multiple < 1:
             raise ThinetError("--batch-size and --channel-multiple must be at least 1")
         if self.samples_per_image is not None and self.samples_per_image < 1:
@@ -239,6 +242,7 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
     total = len(waves) * len(train)
     done = 0
     results: list[GroupResult] = []
+    kept_outputs: dict[str, np.ndarray] = {}  # producer → original filters it still has
 
     def advance(n: int) -> None:
         nonlocal done
@@ -257,13 +261,14 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
         stats = collect_statistics(
             current, wave, data, train, batch_size=config.batch_size,
             per_image=config.samples_per_image, seed=int(rng.integers(2**31)),
-            device=config.device, reference=reference, refit=config.reconstruct == "full",
-            progress=advance,
+            device=config.device, reference=reference, kept_outputs=kept_outputs,
+            refit=config.reconstruct == "full", progress=advance,
         )
         for group in wave:
             selection = _select_group(current, group, stats[group.producer], config, rng)
             if len(selection.kept) < group.channels:
                 apply_selection(current, group, selection.kept, selection.scales, selection.refits)
+                kept_outputs.update({p: selection.kept for p in group.producers})
             results.append(_group_result(group, selection, stats[group.producer]))
         current = infer_shapes(current)
         if config.finetune_steps:
@@ -283,7 +288,7 @@ def _finetune_between_passes(current, teacher, config: SlimConfig):
 def _select_group(model, group: ChannelGroup, stats: dict[str, ConsumerStats], config, rng) -> Selection:
     keep = keep_count(group.channels, config.keep_ratio, config.channel_multiple)
     return choose_channels(config.method, config.reconstruct, group, stats, keep,
-                           _filter_l1(model, group), rng)
+                           _filter_l1(model, group), rng, ridge=config.ridge)
 
 
 def _filter_l1(model: onnx.ModelProto, group: ChannelGroup) -> np.ndarray:

@@ -8,10 +8,15 @@ is the unpruned output, so b = G·1 and ‖y‖² = 1ᵀG1; error-correcting sta
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 from scipy import linalg
 
 __all__ = [
+    "RIDGE_GRID",
+    "FitMoments",
+    "choose_ridge",
     "keep_count",
     "reconstruction_error",
     "refit_error",
@@ -123,52 +128,138 @@ def reconstruction_error(
     return float(np.sqrt(max(sq, 0.0) / target_sq)) if target_sq > 0 else 0.0
 
 
-def _augmented(gram, cross, input_sum, target_sum, count, columns, intercept: bool):
-    a = np.asarray(gram, dtype=np.float64)[np.ix_(columns, columns)]
-    b = np.asarray(cross, dtype=np.float64)[columns]
-    if not intercept:
-        return a, b
-    s = np.asarray(input_sum, dtype=np.float64)[columns]
-    a = np.block([[a, s[:, None]], [s[None, :], np.array([[float(count)]])]])
-    b = np.vstack([b, np.asarray(target_sum, dtype=np.float64)[None, :]])
-    return a, b
+@dataclass
+class FitMoments:
+    """Running moments of a multi-output regression T ≈ P W + 1 bᵀ: PᵀP, PᵀT, ΣP, ΣT, ‖T‖², n."""
+
+    dims: int
+    outputs: int
+    gram: np.ndarray = field(init=False)
+    cross: np.ndarray = field(init=False)
+    input_sum: np.ndarray = field(init=False)
+    target_sum: np.ndarray = field(init=False)
+    target_sq: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.gram = np.zeros((self.dims, self.dims))
+        self.cross = np.zeros((self.dims, self.outputs))
+        self.input_sum = np.zeros(self.dims)
+        self.target_sum = np.zeros(self.outputs)
+
+    def add(self, inputs: np.ndarray, targets: np.ndarray) -> None:
+        p = np.asarray(inputs, dtype=np.float64)
+        t = np.asarray(targets, dtype=np.float64)
+        self.gram += p.T @ p
+        self.cross += p.T @ t
+        self.input_sum += p.sum(axis=0)
+        self.target_sum += t.sum(axis=0)
+        self.target_sq += float(np.sum(t * t))
+        self.count += len(p)
+
+    def __add__(self, other: FitMoments) -> FitMoments:
+        out = FitMoments(self.dims, self.outputs)
+        out.gram, out.cross = self.gram + other.gram, self.cross + other.cross
+        out.input_sum, out.target_sum = self.input_sum + other.input_sum, self.target_sum + other.target_sum
+        out.target_sq, out.count = self.target_sq + other.target_sq, self.count + other.count
+        return out
+
+
+def _centered(m: FitMoments, columns: np.ndarray, intercept: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Normal equations of the weights alone; with an intercept, inputs and targets are centred."""
+    g = m.gram[np.ix_(columns, columns)]
+    c = m.cross[columns]
+    if intercept and m.count:
+        s = m.input_sum[columns]
+        g = g - np.outer(s, s) / m.count
+        c = c - np.outer(s, m.target_sum) / m.count
+    return g, c
+
+
+def _bias(m: FitMoments, columns: np.ndarray, weights: np.ndarray, intercept: bool) -> np.ndarray:
+    if not intercept or not m.count:
+        return np.zeros(m.outputs)
+    return (m.target_sum - m.input_sum[columns] @ weights) / m.count
 
 
 def refit_least_squares(
-    gram: np.ndarray,
-    cross: np.ndarray,
-    input_sum: np.ndarray,
-    target_sum: np.ndarray,
-    count: int,
+    moments: FitMoments,
     columns: np.ndarray,
     intercept: bool = True,
-    ridge: float = 1e-6,
+    ridge: float = 0.0,
+    prior: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Re-fit a whole layer on the kept inputs: argmin ‖T − P_cols W − 1 bᵀ‖², all outputs at once.
+    """Re-fit a whole layer on the kept inputs, all outputs at once:
+
+        argmin ‖T − P_cols W − 1 bᵀ‖² + λ‖W − W₀‖²,   λ = ridge × the mean input variance.
 
     Returns W (len(columns), F) and b (F,) (zeros without `intercept`). The bias absorbs the
-    mean shift that removing channels leaves behind. A ridge relative to the mean diagonal
-    keeps the solve well-posed when samples are few or inputs collinear.
+    mean shift that removing channels leaves behind. `prior` (full [dims, F]; its kept rows are
+    W₀) is what the fit shrinks toward: the layer's own weights, so that a fit from few samples
+    stays near the unpruned layer instead of near zero.
     """
-    a, b = _augmented(gram, cross, input_sum, target_sum, count, columns, intercept)
-    scale = max(float(np.trace(a)) / max(len(a), 1), 1e-30)
+    columns = np.asarray(columns, dtype=np.int64)
+    g, c = _centered(moments, columns, intercept)
+    penalty = ridge * max(float(np.trace(g)) / max(len(columns), 1), 1e-30)
+    base = np.zeros_like(c) if prior is None else prior[columns]
+    rhs = c - g @ base  # solve for the change from W₀: with too few samples, the least change
     try:
-        solution = linalg.solve(a + ridge * scale * np.eye(len(a)), b, assume_a="pos")
+        delta = linalg.solve(g + penalty * np.eye(len(g)), rhs, assume_a="pos")
     except (linalg.LinAlgError, ValueError):
-        solution = linalg.lstsq(a, b)[0]
-    if intercept:
-        return solution[:-1], solution[-1]
-    return solution, np.zeros(b.shape[1])
+        delta = linalg.lstsq(g + penalty * np.eye(len(g)), rhs)[0]
+    weights = base + delta
+    return weights, _bias(moments, columns, weights, intercept)
 
 
-def refit_error(
-    gram, cross, input_sum, target_sum, count, target_sq: float, columns, weights, bias
+def refit_error(moments: FitMoments, columns: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> float:
+    """Relative error ‖T − P W − 1 bᵀ‖ / ‖T‖ of a refit, from the moments alone."""
+    sq = _squared_error(moments, np.asarray(columns, dtype=np.int64), weights, bias)
+    return float(np.sqrt(max(sq, 0.0) / moments.target_sq)) if moments.target_sq > 0 else 0.0
+
+
+def _squared_error(m: FitMoments, columns: np.ndarray, w: np.ndarray, b: np.ndarray) -> float:
+    g = m.gram[np.ix_(columns, columns)]
+    s = m.input_sum[columns]
+    return float(
+        m.target_sq - 2.0 * np.sum(w * m.cross[columns]) - 2.0 * float(b @ m.target_sum)
+        + np.sum(w * (g @ w)) + 2.0 * float(b @ (s @ w)) + m.count * float(b @ b)
+    )
+
+
+RIDGE_GRID = (0.0, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0, 1e3)
+
+
+def choose_ridge(
+    folds: tuple[FitMoments, FitMoments],
+    columns: np.ndarray,
+    intercept: bool = True,
+    prior: np.ndarray | None = None,
+    grid: tuple[float, ...] = RIDGE_GRID,
 ) -> float:
-    """Relative error ‖T − P W − 1 bᵀ‖ / ‖T‖ of a refit, from the statistics alone."""
-    a, b = _augmented(gram, cross, input_sum, target_sum, count, columns, True)
-    theta = np.vstack([weights, np.asarray(bias)[None, :]])
-    sq = target_sq - 2.0 * float(np.sum(theta * b)) + float(np.sum(theta * (a @ theta)))
-    return float(np.sqrt(max(sq, 0.0) / target_sq)) if target_sq > 0 else 0.0
+    """Two-fold cross-validation of the refit's ridge on moments of disjoint images.
+
+    An exact fit (planted redundancy) scores 0 at ridge 0 and keeps it; a fit from a few
+    hundred noisy images is pulled toward `prior` as far as helps on images it did not see
+    (the largest ridge is plain slicing with a bias correction).
+    """
+    columns = np.asarray(columns, dtype=np.int64)
+    if min(f.count for f in folds) <= 1:
+        return 1e-2
+    errors = np.zeros(len(grid))
+    for train, test in ((folds[0], folds[1]), (folds[1], folds[0])):
+        g, c = _centered(train, columns, intercept)
+        base = np.zeros_like(c) if prior is None else prior[columns]
+        values, vectors = linalg.eigh(g)
+        floor = max(float(values.max()), 1e-30) * 1e-12
+        projected = vectors.T @ (c - g @ base)
+        mean_var = max(float(np.trace(g)) / max(len(columns), 1), 1e-30)
+        for k, ridge in enumerate(grid):
+            shrink = values + ridge * mean_var
+            # directions the training fold does not see at all keep W₀ (a min-norm change)
+            step = np.where((shrink > floor)[:, None], projected / np.maximum(shrink, floor)[:, None], 0.0)
+            w = base + vectors @ step
+            errors[k] += _squared_error(test, columns, w, _bias(train, columns, w, intercept))
+    return float(grid[int(np.argmin(errors))])
 
 
 def select_l1(filter_l1: np.ndarray, keep: int) -> np.ndarray:

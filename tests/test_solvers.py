@@ -9,6 +9,8 @@ import pytest
 
 from onnx_thinet.solvers import (
     keep_count,
+    FitMoments,
+    choose_ridge,
     reconstruction_error,
     refit_error,
     refit_least_squares,
@@ -126,16 +128,46 @@ def test_keep_count_rounding():
 
 
 
+def _moments(p, t):
+    m = FitMoments(p.shape[1], t.shape[1])
+    m.add(p, t)
+    return m
+
+
 def test_refit_matches_lstsq_with_intercept_and_reports_its_error():
     rng = np.random.default_rng(7)
     p = rng.standard_normal((600, 10))
     t = p @ rng.standard_normal((10, 3)) + np.array([0.5, -1.0, 2.0]) + 0.01 * rng.standard_normal((600, 3))
     cols = np.array([0, 1, 2, 4, 7, 9])
-    w, b = refit_least_squares(p.T @ p, p.T @ t, p.sum(0), t.sum(0), len(p), cols, ridge=0.0)
+    moments = _moments(p, t)
+    w, b = refit_least_squares(moments, cols, ridge=0.0)
     design = np.hstack([p[:, cols], np.ones((600, 1))])
     expected = np.linalg.lstsq(design, t, rcond=None)[0]
     np.testing.assert_allclose(w, expected[:-1], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(b, expected[-1], rtol=1e-6, atol=1e-9)
     direct = np.linalg.norm(t - p[:, cols] @ w - b) / np.linalg.norm(t)
-    stats = (p.T @ p, p.T @ t, p.sum(0), t.sum(0), len(p), float(np.sum(t * t)))
-    assert refit_error(*stats, cols, w, b) == pytest.approx(direct, rel=1e-6)
+    assert refit_error(moments, cols, w, b) == pytest.approx(direct, rel=1e-6)
+
+
+def test_ridge_shrinks_weights_but_not_the_intercept():
+    rng = np.random.default_rng(8)
+    p = rng.standard_normal((300, 5)) + 3.0
+    t = p @ rng.standard_normal((5, 2)) + 10.0
+    moments = _moments(p, t)
+    cols = np.arange(5)
+    w0, _ = refit_least_squares(moments, cols, ridge=0.0)
+    w1, b1 = refit_least_squares(moments, cols, ridge=10.0)
+    assert np.linalg.norm(w1) < np.linalg.norm(w0)
+    np.testing.assert_allclose(b1, (t.sum(0) - p.sum(0) @ w1) / len(p))  # mean residual is zero
+
+
+def test_cross_validated_ridge_keeps_exact_fits_exact_and_shrinks_noisy_ones():
+    rng = np.random.default_rng(9)
+    p = rng.standard_normal((400, 30))
+    exact = p @ rng.standard_normal((30, 4))
+    folds = (_moments(p[::2], exact[::2]), _moments(p[1::2], exact[1::2]))
+    assert choose_ridge(folds, np.arange(30)) == 0.0
+    few = rng.standard_normal((40, 30))  # as many unknowns as samples: a plain fit overfits
+    noisy = few[:, :3] @ np.ones((3, 2)) + 2.0 * rng.standard_normal((40, 2))
+    folds = (_moments(few[::2], noisy[::2]), _moments(few[1::2], noisy[1::2]))
+    assert choose_ridge(folds, np.arange(30)) > 0.0
