@@ -18,7 +18,7 @@ from onnx import helper
 from onnx_thinet.channels import AttrUpdate, Consumer, Layout, ParamSlice, ShapeFix
 from onnx_thinet.graph import GraphIndex
 
-__all__ = ["RULES", "Flow", "RuleContext", "Step", "rule", "supported_ops"]
+__all__ = ["RULES", "Flow", "RuleContext", "Step", "data_rule", "rule", "supported_ops"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,20 @@ def rule(*op_types: str) -> Callable[[Rule], Rule]:
     return register
 
 
+def data_rule(*op_types: str) -> Callable[[Callable[[RuleContext, onnx.NodeProto, Flow], Step]], Rule]:
+    """Register a rule for ops whose channels may only arrive on input 0 (the data input)."""
+
+    def register(fn: Callable[[RuleContext, onnx.NodeProto, Flow], Step]) -> Rule:
+        def on_data(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
+            flow = _data_flow(node, flows)
+            return flow if isinstance(flow, Step) else fn(ctx, node, flow)
+
+        rule(*op_types)(on_data)
+        return fn
+
+    return register
+
+
 def supported_ops() -> list[str]:
     return sorted(RULES)
 
@@ -110,27 +124,20 @@ UNARY_ELEMENTWISE = (
 )
 
 
-@rule(*UNARY_ELEMENTWISE)
-def _unary(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    return flow if isinstance(flow, Step) else _same(node, flow)
+@data_rule(*UNARY_ELEMENTWISE)
+def _unary(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
+    return _same(node, flow)
 
 
-@rule("Dropout")
-def _dropout(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("Dropout")
+def _dropout(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if len(node.output) > 1 and node.output[1] and ctx.index.uses.get(node.output[1]):
         return _blocked("Dropout mask output is used")
     return _same(node, flow)
 
 
-@rule("Clip")
-def _clip(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("Clip")
+def _clip(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     for bound in (1, 2):
         if bound < len(node.input) and node.input[bound]:
             value = ctx.const(node, bound)
@@ -139,10 +146,9 @@ def _clip(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return _same(node, flow)
 
 
-@rule("PRelu")
-def _prelu(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    return flow if isinstance(flow, Step) else _per_channel_constant(ctx, node, flow, other=1)
+@data_rule("PRelu")
+def _prelu(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
+    return _per_channel_constant(ctx, node, flow, other=1)
 
 
 @rule("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min")
@@ -184,11 +190,8 @@ def _per_channel_constant(ctx: RuleContext, node: onnx.NodeProto, flow: Flow, ot
     return step
 
 
-@rule("BatchNormalization", "InstanceNormalization")
-def _batchnorm(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("BatchNormalization", "InstanceNormalization")
+def _batchnorm(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if flow.axis != 1 or ctx.outer(flow) != 1:
         return _blocked(f"{node.op_type} normalizes another axis than the channels")
     if len(node.output) > 1 and any(ctx.index.uses.get(o) for o in node.output[1:] if o):
@@ -201,11 +204,8 @@ def _batchnorm(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return step
 
 
-@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
-def _pool(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+def _pool(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if flow.axis != 1:
         return _blocked(f"{node.op_type} pools the channel axis")
     if len(node.output) > 1 and node.output[1] and ctx.index.uses.get(node.output[1]):
@@ -213,11 +213,8 @@ def _pool(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return _same(node, flow)
 
 
-@rule("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1")
-def _reduce(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1")
+def _reduce(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     rank = ctx.index.rank(flow.tensor)
     axes = ctx.attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
@@ -236,11 +233,8 @@ def _reduce(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return Step(outputs=[Flow(node.output[0], axis, flow.layout)])
 
 
-@rule("Pad")
-def _pad(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("Pad")
+def _pad(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     rank = ctx.index.rank(flow.tensor)
     pads = ctx.attr(node, "pads")
     if pads is None:
@@ -261,11 +255,8 @@ def _pad(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return _same(node, flow)
 
 
-@rule("Softmax", "LogSoftmax")
-def _softmax(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("Softmax", "LogSoftmax")
+def _softmax(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     rank = ctx.index.rank(flow.tensor)
     axis = ctx.attr(node, "axis", -1 if ctx.opset >= 13 else 1)
     if rank is None:
@@ -276,11 +267,8 @@ def _softmax(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return _same(node, flow)
 
 
-@rule("Transpose")
-def _transpose(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("Transpose")
+def _transpose(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     perm = ctx.attr(node, "perm")
     if perm is None:
         rank = ctx.index.rank(flow.tensor)
@@ -290,11 +278,8 @@ def _transpose(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return Step(outputs=[Flow(node.output[0], list(perm).index(flow.axis), flow.layout)])
 
 
-@rule("Unsqueeze", "Squeeze")
-def _squeeze(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("Unsqueeze", "Squeeze")
+def _squeeze(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     rank = ctx.index.rank(flow.tensor)
     out_rank = ctx.index.rank(node.output[0])
     axes = ctx.attr(node, "axes")
@@ -314,11 +299,8 @@ def _squeeze(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return Step(outputs=[Flow(node.output[0], kept[flow.axis], flow.layout)])
 
 
-@rule("Flatten")
-def _flatten(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("Flatten")
+def _flatten(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     dims = ctx.index.shapes.get(flow.tensor)
     if dims is None:
         return _blocked("Flatten input shape unknown")
@@ -326,11 +308,8 @@ def _flatten(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return _merge_axes(node, flow, dims, [(0, axis), (axis, len(dims))])
 
 
-@rule("Reshape")
-def _reshape(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("Reshape")
+def _reshape(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     dims, out_dims = _concrete(ctx.index.shapes.get(flow.tensor), ctx.index.shapes.get(node.output[0]))
     if dims is None:
         return _blocked("Reshape shapes are not static")
@@ -453,11 +432,8 @@ def _concat(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return Step(outputs=[Flow(node.output[0], axis, layout)])
 
 
-@rule("Split")
-def _split(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("Split")
+def _split(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     rank = ctx.index.rank(flow.tensor)
     if rank is None:
         return _blocked("Split of unknown rank")
@@ -481,11 +457,8 @@ def _split(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return step
 
 
-@rule("Conv")
-def _conv(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("Conv")
+def _conv(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     weight = ctx.const(node, 1)
     if weight is None:
         return _blocked("Conv weight is not a constant initializer")
@@ -509,11 +482,8 @@ def _conv(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return _blocked(f"grouped Conv (group={group}) mixes channels within groups")
 
 
-@rule("Gemm")
-def _gemm(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("Gemm")
+def _gemm(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if ctx.attr(node, "transA", 0):
         return _blocked("Gemm reads a transposed input")
     if ctx.const(node, 1) is None:
@@ -525,11 +495,8 @@ def _gemm(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return Step(consumer=Consumer(node.name, "linear", flow.tensor, weight, transpose=transposed))
 
 
-@rule("MatMul")
-def _matmul(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("MatMul")
+def _matmul(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     weight = ctx.const(node, 1)
     rank = ctx.index.rank(flow.tensor)
     if weight is None or weight.ndim != 2:
@@ -540,11 +507,8 @@ def _matmul(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return Step(consumer=Consumer(node.name, "linear", flow.tensor, weight_slice, bias_index=None))
 
 
-@rule("Resize", "Upsample")
-def _resize(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
-    flow = _data_flow(node, flows)
-    if isinstance(flow, Step):
-        return flow
+@data_rule("Resize", "Upsample")
+def _resize(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if len(node.input) > 3 and node.input[3]:
         sizes = ctx.const(node, 3)
         if sizes is None or int(sizes[flow.axis]) != ctx.length(flow):

@@ -12,8 +12,8 @@ from onnx_thinet.calibrate import ConsumerStats
 from onnx_thinet.channels import ChannelGroup, Consumer, removed_positions
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.solvers import (
-    reconstruction_error,
     choose_ridge,
+    reconstruction_error,
     refit_error,
     refit_least_squares,
     rescale_least_squares,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from onnx_thinet.solvers import (
-    keep_count,
     FitMoments,
     choose_ridge,
+    keep_count,
     reconstruction_error,
     refit_error,
     refit_least_squares,

@@ -94,3 +94,24 @@ def normalize(images: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected images of shape (N, 28, 28), got {np.shape(images)}")
     x = x.astype(np.float32) / np.float32(255.0)
     return ((x - np.float32(MEAN)) / np.float32(STD)).astype(np.float32)
+
+
+def export_npz(split: str, out: str | Path, limit: int | None = None) -> Path:
+    """Write a split as the `.npz` (`x` normalized float32 NCHW, `y` int64) that eval/finetune read."""
+    images, labels = load_split(split)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    out = Path(out)
+    np.savez(out, x=normalize(images), y=labels)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export a Fashion-MNIST split as .npz (x, y).")
+    parser.add_argument("split", choices=["train", "test"])
+    parser.add_argument("out")
+    parser.add_argument("--limit", type=int, default=None)
+    args = parser.parse_args()
+    print(export_npz(args.split, args.out, args.limit))
