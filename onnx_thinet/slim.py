@@ -250,7 +250,7 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
         if progress is not None:
             progress(done, total)
 
-    for planned in waves:
+    for pass_index, planned in enumerate(waves):
         # Re-read the groups on the model as pruned so far: offsets into Concats and shape
         # constants shift when a neighbouring group has been cut.
         fresh = {g.producer: g for g in analyze(current, prune_coupled=config.prune_coupled).groups}
@@ -272,16 +272,20 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
             results.append(_group_result(group, selection, stats[group.producer]))
         current = infer_shapes(current)
         if config.finetune_steps:
-            current = _finetune_between_passes(current, canonical, config)
+            current = _finetune_between_passes(current, canonical, config, pass_index)
     return current, results
 
 
-def _finetune_between_passes(current, teacher, config: SlimConfig):
-    """The paper's schedule: recover briefly (distillation from the original) before the next layer."""
+def _finetune_between_passes(current, teacher, config: SlimConfig, pass_index: int):
+    """The paper's schedule: recover briefly (distillation from the original) before the next layer.
+
+    Each pass draws other batches (seed + pass), so the passes together see more of the data.
+    """
     from onnx_thinet.finetune import finetune_graph
 
     tuned = finetune_graph(current, teacher, config.finetune_data, config.finetune_steps,
-                           seed=config.seed, device="cuda" if config.device == "cuda" else "cpu")
+                           seed=config.seed + pass_index,
+                           device="cuda" if config.device == "cuda" else "cpu")
     return infer_shapes(tuned)
 
 

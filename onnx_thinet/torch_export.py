@@ -34,7 +34,10 @@ from .errors import ThinetError
 __all__ = [
     "SUPPORTED_OPS",
     "TORCH_REQUIRED_MESSAGE",
+    "InitSource",
+    "TorchExport",
     "export_torch",
+    "export_torch_model",
     "load_exported",
     "require_torch",
     "to_onnx",
@@ -240,6 +243,11 @@ def _tup(vals: Sequence[int]) -> str:
     return "(" + ", ".join(map(str, vals)) + ")"
 
 
+def _opt_input(node: onnx.NodeProto, index: int) -> str:
+    """Name of an optional node input ('' when absent)."""
+    return node.input[index] if len(node.input) > index else ""
+
+
 def _paren(item: int | str) -> str:
     """Parenthesize compound shape expressions before combining them."""
     s = str(item)
@@ -282,6 +290,43 @@ def _torch_pad(begins: Sequence[int], ends: Sequence[int]) -> str:
     return "(" + ", ".join(map(str, flat)) + ("," if len(flat) == 1 else "") + ")"
 
 
+# ---------------------------------------------------------------- initializer sources
+
+
+@dataclass(frozen=True)
+class InitSource:
+    """Where a parameter/buffer of the generated module came from in the ONNX graph.
+
+    The module's tensor is ``(T(init) if transpose else init) * scale`` reshaped to the
+    parameter's shape (transpose only for 2-D initializers). The inverse, which
+    ``onnx_thinet.finetune`` uses to write trained values back, is ``value / scale``,
+    transposed back when marked, reshaped to the initializer's shape.
+    """
+
+    initializer: str
+    transpose: bool = False
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class TorchExport:
+    """What ``export_torch_model`` wrote, plus the parameter -> initializer map.
+
+    ``initializers`` only holds tensors whose values can be written back exactly: one
+    state-dict key per initializer, never an initializer also consumed by a node
+    that was constant-folded at export time (that copy would not follow the training).
+    """
+
+    model_py: Path
+    initializers: dict[str, InitSource]
+
+
+_FLOAT_ONNX_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16})
+
+# Folding these only reads an initializer's shape, never its values.
+_SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+
+
 # ---------------------------------------------------------------- code generator
 
 
@@ -315,6 +360,11 @@ class _Codegen:
         self.helpers: set[str] = set()
         self.arg_names: list[str] = []
         self.used_names: set[str] = set()
+        self.float_inits = {
+            t.name for t in self.graph.initializer if t.data_type in _FLOAT_ONNX_TYPES
+        }
+        self.sources: dict[str, InitSource] = {}  # state-dict key -> where it came from
+        self.folded_inits: set[str] = set()  # initializers read by constant-folded nodes
 
     # ---- bookkeeping
     def unique(self, base: str, used: set[str], fallback: str) -> str:
@@ -388,13 +438,39 @@ class _Codegen:
             f"cannot export {node.op_type} node '{node.name or node.output[0]}' to PyTorch: {why}"
         )
 
+    def src(self, name: str, *, transpose: bool = False, scale: float = 1.0) -> InitSource | None:
+        """The InitSource of an operand when it is a float initializer as stored in the graph."""
+        if not name or name not in self.float_inits:
+            return None
+        return InitSource(name, transpose, float(scale))
+
+    def initializer_sources(self) -> dict[str, InitSource]:
+        """Keys whose values map one-to-one onto an initializer (see TorchExport)."""
+        users: dict[str, int] = {}
+        for s in self.sources.values():
+            users[s.initializer] = users.get(s.initializer, 0) + 1
+        return {
+            key: s
+            for key, s in self.sources.items()
+            if users[s.initializer] == 1 and s.initializer not in self.folded_inits
+        }
+
     # ---- emitting
-    def add_module(self, attr: str, ctor: str, params: dict[str, np.ndarray | None]) -> None:
-        """A layer attribute plus its state-dict entries."""
+    def add_module(
+        self,
+        attr: str,
+        ctor: str,
+        params: dict[str, np.ndarray | None],
+        sources: dict[str, InitSource | None] | None = None,
+    ) -> None:
+        """A layer attribute plus its state-dict entries (and where each came from)."""
         self.init_lines.append(f"self.{attr} = {ctor}")
         for key, arr in params.items():
             if arr is not None:
                 self.state[f"{attr}.{key}"] = np.ascontiguousarray(arr)
+                source = (sources or {}).get(key)
+                if source is not None:
+                    self.sources[f"{attr}.{key}"] = source
 
     def materialize(self, name: str, node: onnx.NodeProto) -> str:
         """Expose a constant array as a parameter (float) or buffer (other) of the module."""
@@ -413,6 +489,9 @@ class _Codegen:
         else:
             self.init_lines.append(f'self.register_buffer("{attr}", torch.empty({shape}{dt}))')
         self.state[attr] = arr
+        source = self.src(name)
+        if source is not None:
+            self.sources[attr] = source
         self.const_attrs[name] = attr
         return f"self.{attr}"
 
@@ -432,6 +511,8 @@ class _Codegen:
             arr.ndim == 0 or (other_rank is not None and arr.ndim <= other_rank)
         )
         if small and arr.dtype != np.bool_:
+            if name in self.float_inits:
+                self.folded_inits.add(name)  # baked into the source as a literal
             return _lit(arr.reshape(()))
         return self.materialize(name, node)
 
@@ -566,6 +647,8 @@ class _Codegen:
         from onnx.reference import ReferenceEvaluator
 
         feeds = {i: np.asarray(self.values[i].array) for i in node.input if i}
+        if node.op_type not in _SHAPE_ONLY_OPS:
+            self.folded_inits.update(i for i in feeds if i in self.float_inits)
         inputs = [
             helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
             for k, v in feeds.items()
@@ -658,7 +741,12 @@ class _Codegen:
         if w.dtype != np.float32:
             args.append(f"dtype={_NP_TO_TORCH[w.dtype]}")
         attr = self.new_attr(node)
-        self.add_module(attr, f"nn.Conv{nd}d({', '.join(args)})", {"weight": w, "bias": b})
+        self.add_module(
+            attr,
+            f"nn.Conv{nd}d({', '.join(args)})",
+            {"weight": w, "bias": b},
+            {"weight": self.src(node.input[1]), "bias": self.src(_opt_input(node, 2))},
+        )
         x = self.t(node.input[0], node)
         if begins != ends:
             x = f"F.pad({x}, {_torch_pad(begins, ends)})"
@@ -697,7 +785,12 @@ class _Codegen:
         if any(d != 1 for d in dil):
             args.append(f"dilation={_tup(dil)}")
         attr = self.new_attr(node)
-        self.add_module(attr, f"nn.ConvTranspose{nd}d({', '.join(args)})", {"weight": w, "bias": b})
+        self.add_module(
+            attr,
+            f"nn.ConvTranspose{nd}d({', '.join(args)})",
+            {"weight": w, "bias": b},
+            {"weight": self.src(node.input[1]), "bias": self.src(_opt_input(node, 2))},
+        )
         self.emit(node, f"self.{attr}({self.t(node.input[0], node)})")
 
     def op_BatchNormalization(self, node: onnx.NodeProto) -> None:
@@ -728,7 +821,15 @@ class _Codegen:
             "running_var": var,
             "num_batches_tracked": np.array(0, dtype=np.int64),
         }
-        self.add_module(attr, f"nn.{cls}({', '.join(args)})", params)
+        names = dict(
+            zip(("weight", "bias", "running_mean", "running_var"), node.input[1:5], strict=False)
+        )
+        self.add_module(
+            attr,
+            f"nn.{cls}({', '.join(args)})",
+            params,
+            {key: self.src(name) for key, name in names.items()},
+        )
         self.emit(node, f"self.{attr}({self.t(node.input[0], node)})")
 
     def op_Gemm(self, node: onnx.NodeProto) -> None:
@@ -742,6 +843,7 @@ class _Codegen:
             weight = (bw if tb else bw.T) * np.asarray(alpha, bw.dtype)
             out_f, in_f = weight.shape
             bias = None
+            bias_src = None
             linear_ok = not c_name
             if (
                 c is not None
@@ -750,6 +852,8 @@ class _Codegen:
             ):
                 bias = np.broadcast_to(c.reshape(-1) * np.asarray(beta, c.dtype), (out_f,)).copy()
                 linear_ok = True
+                # a broadcast scalar C has no one-to-one write-back: it stays unmapped
+                bias_src = self.src(c_name, scale=beta) if c.size == out_f else None
             if linear_ok:
                 args = [str(in_f), str(out_f)] + ([] if bias is not None else ["bias=False"])
                 attr = self.new_attr(node)
@@ -757,6 +861,10 @@ class _Codegen:
                     attr,
                     f"nn.Linear({', '.join(args)})",
                     {"weight": weight.astype(bw.dtype), "bias": bias},
+                    {
+                        "weight": self.src(node.input[1], transpose=not tb, scale=alpha),
+                        "bias": bias_src,
+                    },
                 )
                 self.emit(node, f"self.{attr}({self.t(node.input[0], node)})")
                 return
@@ -784,6 +892,7 @@ class _Codegen:
                 attr,
                 f"nn.Linear({bw.shape[0]}, {bw.shape[1]}, bias=False{dt})",
                 {"weight": np.ascontiguousarray(bw.T)},
+                {"weight": self.src(node.input[1], transpose=True)},
             )
             self.emit(node, f"self.{attr}({self.t(node.input[0], node)})")
             return
@@ -843,7 +952,12 @@ class _Codegen:
         if slope is not None:
             if slope.size == 1:
                 attr = self.new_attr(node)
-                self.add_module(attr, "nn.PReLU()", {"weight": slope.reshape(1)})
+                self.add_module(
+                    attr,
+                    "nn.PReLU()",
+                    {"weight": slope.reshape(1)},
+                    {"weight": self.src(node.input[1])},
+                )
                 self.emit(node, f"self.{attr}({x})")
                 return
             r = rank if rank is not None else slope.ndim + 1
@@ -851,7 +965,12 @@ class _Codegen:
             c = slope.size
             if r >= 2 and padded[1] == c and all(d == 1 for i, d in enumerate(padded) if i != 1):
                 attr = self.new_attr(node)
-                self.add_module(attr, f"nn.PReLU({c})", {"weight": slope.reshape(c)})
+                self.add_module(
+                    attr,
+                    f"nn.PReLU({c})",
+                    {"weight": slope.reshape(c)},
+                    {"weight": self.src(node.input[1])},
+                )
                 self.emit(node, f"self.{attr}({x})")
                 return
         s = self.t(node.input[1], node, other_rank=rank)
@@ -1485,7 +1604,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "INPUT_SHAPES", "OPSET", "Model", "load"]
+__all__ = [
+    "INPUT_NAMES", "OUTPUT_NAMES", "INPUT_SHAPES", "OPSET", "ONNX_INITIALIZERS", "Model", "load"
+]
 
 INPUT_NAMES = {input_names!r}
 OUTPUT_NAMES = {output_names!r}
@@ -1502,6 +1623,22 @@ def load(weights: str | Path | None = None, map_location: str | torch.device = "
     model.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
     return model.eval()
 '''
+
+
+def _render_sources(sources: dict[str, InitSource]) -> str:
+    """The ONNX_INITIALIZERS table of model.py (state-dict key -> initializer, layout)."""
+    lines = [
+        "",
+        "# Where each parameter/buffer came from in the ONNX graph: state-dict key ->",
+        "# (initializer name, transposed, scale). The module holds (T(init) if transposed",
+        "# else init) * scale, reshaped; tensors not listed (constant-folded, shared,",
+        "# broadcast) have no one-to-one initializer.",
+        "ONNX_INITIALIZERS = {",
+    ]
+    for key, src in sources.items():
+        lines.append(f"    {key!r}: ({src.initializer!r}, {src.transpose!r}, {src.scale!r}),")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 def _render(gen: _Codegen, source: str) -> str:
@@ -1530,7 +1667,7 @@ def _render(gen: _Codegen, source: str) -> str:
         opset=gen.opset,
     )
     lines = [
-        header,
+        header + _render_sources(gen.initializer_sources()),
         "",
         "class Model(nn.Module):",
         f'    """{source} as PyTorch; forward() follows the ONNX graph node by node."""',
@@ -1566,25 +1703,39 @@ def export_torch(onnx_path: str | Path, out_dir: str | Path, *, verify: bool = T
     With ``verify`` the generated module is run against onnxruntime on a dummy batch
     so a translation bug surfaces here rather than during fine-tuning.
     """
-    torch = require_torch()
     src = Path(onnx_path)
-    model = _load_onnx(src)
+    return export_torch_model(_load_onnx(src), out_dir, source=src.name, verify=verify).model_py
+
+
+def export_torch_model(
+    model: onnx.ModelProto,
+    out_dir: str | Path,
+    *,
+    source: str = "model.onnx",
+    verify: bool = True,
+) -> TorchExport:
+    """``export_torch`` for an in-memory model; also returns the parameter -> initializer map.
+
+    ``source`` is the file name the generated docstrings mention. The model is not
+    modified (shape inference works on it temporarily and restores it).
+    """
+    torch = require_torch()
     if not model.graph.node:
-        raise ThinetError(f"{src} has an empty graph")
+        raise ThinetError(f"{source} has an empty graph")
     gen = _Codegen(model, set(dir(torch.nn.Module)) | {"Model"})
     gen.run()
-    source = _render(gen, src.name)
+    text = _render(gen, source)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ThinetError(f"--output must be a directory: {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
     state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in gen.state.items()}
     _atomic_write(out / "weights.pt", lambda p: torch.save(state, str(p)))
-    _atomic_write(out / "model.py", lambda p: p.write_text(source, encoding="utf-8"))
+    _atomic_write(out / "model.py", lambda p: p.write_text(text, encoding="utf-8"))
     logger.info("wrote %s (%d layers/params) and weights.pt", out / "model.py", len(gen.init_lines))
     if verify:
         _verify_export(model, out / "model.py")
-    return out / "model.py"
+    return TorchExport(out / "model.py", gen.initializer_sources())
 
 
 def load_exported(model_py: str | Path) -> Any:

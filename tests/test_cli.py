@@ -259,3 +259,21 @@ def test_inspect_shows_joint_groups_with_prune_coupled(tmp_path):
     joint = json.loads(_invoke("inspect", tmp_path / "res.onnx", "--json", "--prune-coupled").output)
     assert {c["producer"] for c in plain["coupled"]} == {"stem", "conv2"}
     assert "stem + conv2" in {g["producer"] for g in joint["groups"]} and not joint["coupled"]
+
+
+@pytest.mark.torch
+def test_layer_by_layer_finetune_schedule(workdir):
+    pytest.importorskip("torch")
+    model = onnx.load(workdir / "net.onnx")
+    x = builders.calibration(model, n=64, seed=5)
+    np.save(workdir / "train.npy", x)
+    args = ("slim", workdir / "net.onnx", "--calib", workdir / "calib.npy", "-q", "--reconstruct", "none",
+            "--method", "random", "--holdout", "0.25")
+    plain = _invoke(*args, "--output", workdir / "plain.onnx", "--report", workdir / "plain.json")
+    tuned = _invoke(*args, "--output", workdir / "tuned.onnx", "--report", workdir / "tuned.json",
+                    "--finetune-data", workdir / "train.npy", "--finetune-steps", "40")
+    assert plain.exit_code == 0 and tuned.exit_code == 0, tuned.output
+    before = json.loads((workdir / "plain.json").read_text())["output_rel_error"]
+    after = json.loads((workdir / "tuned.json").read_text())["output_rel_error"]
+    assert after < before
+    _expect_error(_invoke(*args, "--finetune-steps", "5", "--force"), "--finetune-data")
