@@ -257,3 +257,34 @@ def test_prune_coupled_handles_squeeze_excitation_gates():
     assert result.flops_after < result.flops_before
     x = builders.calibration(model, n=4, seed=3)
     assert _run(result.model, x).shape == _run(model, x).shape
+
+
+@pytest.mark.parametrize("method", ["apoz", "random"])
+def test_baseline_methods_give_valid_models_on_planted_families(method):
+    for family in ("conv_chain", "pool_flatten_gemm", "sppf"):
+        model, dead = builders.FAMILIES[family]()
+        result = _slim(model, SlimConfig(keep_ratio=0.5, method=method, only=tuple(dead)))
+        onnx.checker.check_model(result.model, full_check=True)
+        assert all(g.channels_after == g.channels_before - len(dead[g.producer]) for g in result.groups)
+
+
+def test_several_graph_inputs_and_outputs():
+    net = builders.Net(0)
+    a = net.node("Relu", [net.conv("x1", "a", 3, 6)], "ra")
+    b = net.node("Relu", [net.conv("x2", "b", 3, 4)], "rb")
+    net.conv(net.node("Concat", [a, b], "cat", axis=1), "head", 10, 5)
+    net.conv(a, "side", 6, 2)
+    graph = onnx.helper.make_graph(
+        net.nodes, "two",
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", 3, 8, 8]) for n in ("x1", "x2")],
+        [onnx.helper.make_tensor_value_info("head", onnx.TensorProto.FLOAT, ["N", 5, 8, 8]),
+         onnx.helper.make_tensor_value_info("side", onnx.TensorProto.FLOAT, ["N", 2, 8, 8])],
+        net.inits,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    data = ArrayData({n: rng.standard_normal((40, 3, 8, 8)).astype(np.float32) for n in ("x1", "x2")})
+    result = slim(model, data, SlimConfig(keep_ratio=1.0))
+    assert result.verification.rel_error < 1e-5
+    groups = {g.producer: g for g in slim(model, data, SlimConfig(keep_ratio=0.5)).groups}
+    assert set(groups["a"].consumers) == {"head", "side"} and groups["a"].channels_after == 3
