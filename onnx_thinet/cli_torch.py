@@ -24,7 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .errors import ThinetError
+from onnx_thinet.errors import ThinetError
 
 __all__ = ["register"]
 

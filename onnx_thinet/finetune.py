@@ -29,8 +29,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ThinetError
-from .torch_export import (
+from onnx_thinet.errors import ThinetError
+from onnx_thinet.torch_export import (
     InitSource,
     _load_onnx,
     _real_inputs,

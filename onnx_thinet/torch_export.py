@@ -29,7 +29,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import ThinetError
+from onnx_thinet.errors import ThinetError
+from onnx_thinet.graph import tensor_shape
 
 __all__ = [
     "SUPPORTED_OPS",
@@ -150,18 +151,8 @@ def _real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
 
 def _vi_dims(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:
     """Dims of a value: int when static, its dim_param when symbolic, None when unknown."""
-    t = vi.type.tensor_type
-    if not t.HasField("shape"):
-        return None
-    dims: list[int | str | None] = []
-    for d in t.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
-        elif d.dim_param:
-            dims.append(d.dim_param)
-        else:
-            dims.append(None)
-    return dims
+    shape = tensor_shape(vi)
+    return None if shape is None else list(shape)
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
