@@ -335,12 +335,12 @@ def finetune(
     output: str | Path,
     *,
     device: str = "cpu",
-    lr: float = 3e-4,
+    lr: float = 1e-3,
     batch_size: int = 64,
     temperature: float = 4.0,
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
-    augment: bool = True,
+    augment: bool = False,
     progress: Callable[[FinetuneProgress], None] | None = None,
     max_steps: int | None = None,
     seed: int = 0,
@@ -401,7 +401,7 @@ def finetune(
         initial_loss = float(state.get("initial_loss", initial_loss))
     resumed_from = start_epoch
 
-    teacher_cache = None if augment else teacher(x)
+    teacher_outputs = _TeacherOutputs(teacher, x)  # un-augmented samples: run each once
     gen = torch.Generator()
     recent: list[float] = []
     t0 = time.perf_counter()
@@ -427,7 +427,7 @@ def finetune(
                 xb = _augment(torch, xb, gen)
                 targets = teacher(xb.numpy())
             else:
-                targets = [t[idx] for t in teacher_cache]
+                targets = teacher_outputs(idx)
             lr_now = _cosine_lr(lr, step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now

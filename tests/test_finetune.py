@@ -115,6 +115,7 @@ def test_distillation_moves_student_to_teacher(models, data, tmp_path: Path) -> 
         lr=5e-3,
         batch_size=16,
         max_steps=10,
+        augment=True,
         progress=seen.append,
     )
     assert isinstance(res, FinetuneResult)
@@ -144,7 +145,7 @@ def test_npy_without_labels_or_augmentation(models, data, tmp_path: Path) -> Non
 
 def test_resume_after_interruption_matches_uninterrupted_run(models, data, tmp_path: Path) -> None:
     teacher, student = models
-    kw = {"lr": 5e-3, "batch_size": 16, "seed": 3}
+    kw = {"lr": 5e-3, "batch_size": 16, "seed": 3, "augment": True}
     full = finetune(student, teacher, data["npz"], 2, tmp_path / "full.onnx", **kw)
 
     def interrupt(p) -> None:
