@@ -8,7 +8,15 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from onnx_thinet.channels import ChannelGroup, Consumer, Coupled, Layout, ParamSlice, Skipped
+from onnx_thinet.channels import (
+    ChannelGroup,
+    Consumer,
+    Coupled,
+    Layout,
+    ParamSlice,
+    Segment,
+    Skipped,
+)
 from onnx_thinet.graph import GraphIndex, infer_shapes
 from onnx_thinet.rules import RULES, Flow, RuleContext, Step
 
@@ -66,22 +74,30 @@ def analyze(model: onnx.ModelProto, prune_coupled: bool = False) -> Analysis:
     return Analysis(tuple(groups), tuple(coupled), tuple(skipped))
 
 
+Window = tuple[int, int]  # channels [lo, hi) of a producer's output
+
+
 def _join_coupled(index: GraphIndex, coupled: list[Coupled], opset: int):
-    """Grow each coupled producer into the set of producers tied to it and walk them together."""
+    """Grow each coupled producer into the set of producers tied to it and walk them together.
+
+    A member may join with part of its channels only: a C2f's first conv is tied to the
+    bottleneck's residual Adds through one output of a Split, so only that window is cut.
+    """
     joint: list[ChannelGroup] = []
     left: dict[str, Coupled] = {c.producer: c for c in coupled}
     nodes = {n.name: n for n in index.model.graph.node}
     for first in list(left):
         if first not in left:
             continue
-        members, outcome = {first}, left[first]
+        outcome = left[first]
+        members: dict[str, Window] = {first: (0, outcome.channels)}
         for _ in range(64):
-            tied = _tied_producers(index, nodes[outcome.node], members)
-            if not tied:
+            grown = _tied_producers(index, nodes[outcome.node], members)
+            if grown is None:
                 break
-            members |= tied
+            members = grown
             ordered = sorted(members, key=index.order.__getitem__)
-            starts = [_producer_start(index, nodes[m]) for m in ordered]
+            starts = [_producer_start(index, nodes[m], members[m]) for m in ordered]
             if any(s is None for s in starts) or len({s.channels for s in starts}) != 1:
                 break
             outcome = _walk(index, [nodes[m] for m in ordered], starts, opset)
@@ -94,16 +110,22 @@ def _join_coupled(index: GraphIndex, coupled: list[Coupled], opset: int):
     return joint, list(left.values())
 
 
-def _tied_producers(index: GraphIndex, node: onnx.NodeProto, members: set[str]) -> set[str] | None:
-    """Producers feeding the other operand of a coupling node, not yet in `members`."""
-    found: set[str] = set()
+def _tied_producers(
+    index: GraphIndex, node: onnx.NodeProto, members: dict[str, Window]
+) -> dict[str, Window] | None:
+    """`members` grown by the producers feeding `node` (the coupling op), or None if unchanged.
+
+    A producer reached through a Split is narrowed to the window that reaches `node`.
+    """
+    grown = dict(members)
     for name in node.input:
-        origins = _origins(index, name, depth=0)
-        if origins is None:
-            continue
-        found |= origins
-    new = found - members
-    return new or None
+        for producer, (lo, hi) in (_origins(index, name, depth=0) or {}).items():
+            old_lo, old_hi = grown.get(producer, (lo, hi))
+            window = (max(lo, old_lo), min(hi, old_hi))
+            if window[0] >= window[1]:
+                return None
+            grown[producer] = window
+    return grown if grown != members else None
 
 
 _THROUGH = {
@@ -113,23 +135,56 @@ _THROUGH = {
 }
 
 
-def _origins(index: GraphIndex, tensor: str, depth: int) -> set[str] | None:
-    """Producers whose channels reach `tensor` through per-channel ops and residual sums."""
+def _origins(index: GraphIndex, tensor: str, depth: int) -> dict[str, Window] | None:
+    """Producers whose channels reach `tensor` through per-channel ops, residual sums and
+    channel Splits, each with the window of its channels that makes up `tensor`."""
     node = index.producer.get(tensor)
     if node is None or depth > 256:
         return None
-    if _producer_start(index, node) is not None:
-        return {node.name}
+    start = _producer_start(index, node)
+    if start is not None:
+        return {node.name: (0, start.channels)}
     if node.op_type in _THROUGH:
         return _origins(index, node.input[0], depth + 1)
     if node.op_type == "Conv" and index.const(node.input[1]) is not None:
         return _origins(index, node.input[0], depth + 1)  # depthwise: channel for channel
     if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2:
         parts = [_origins(index, i, depth + 1) for i in node.input if index.const(i) is None]
-        if any(p is None for p in parts):
+        if not parts or any(p is None for p in parts):
             return None
-        return set().union(*parts)
+        merged: dict[str, Window] = {}
+        for part in parts:
+            for producer, window in part.items():
+                if merged.setdefault(producer, window) != window:
+                    return None
+        return merged
+    if node.op_type == "Split":
+        return _split_origins(index, node, tensor, depth)
     return None
+
+
+def _split_origins(
+    index: GraphIndex, node: onnx.NodeProto, tensor: str, depth: int
+) -> dict[str, Window] | None:
+    """Origins of one output of a Split along the channel axis of a 4-D (NCHW) tensor."""
+    rank = index.rank(node.input[0])
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    if rank != 4 or axis % rank != 1:
+        return None
+    sizes = [index.dim(out, 1) for out in node.output]
+    if any(s is None for s in sizes):
+        return None
+    k = list(node.output).index(tensor)
+    begin = sum(sizes[:k])
+    parts = _origins(index, node.input[0], depth + 1)
+    if parts is None:
+        return None
+    narrowed = {}
+    for producer, (lo, hi) in parts.items():
+        if hi - lo != sum(sizes):
+            return None
+        narrowed[producer] = (lo + begin, lo + begin + sizes[k])
+    return narrowed
 
 
 @dataclass(frozen=True)
@@ -139,8 +194,13 @@ class _Start:
     slices: tuple[ParamSlice, ...]
 
 
-def _producer_start(index: GraphIndex, node: onnx.NodeProto) -> _Start | None:
-    """Where a producer's channels begin, and its own weights to cut; None if not a producer."""
+def _producer_start(
+    index: GraphIndex, node: onnx.NodeProto, window: Window | None = None
+) -> _Start | None:
+    """Where a producer's channels begin, and its own weights to cut; None if not a producer.
+
+    With a `window`, only the Conv's output channels [lo, hi) belong to the group.
+    """
     if node.domain not in ("", "ai.onnx") or not node.output:
         return None
     weight = index.const(node.input[1]) if len(node.input) > 1 else None
@@ -149,11 +209,15 @@ def _producer_start(index: GraphIndex, node: onnx.NodeProto) -> _Start | None:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if node.op_type == "Conv" and attrs.get("group", 1) == 1 and weight.ndim >= 3:
-        full = Layout.full(int(weight.shape[0]))
-        slices = [ParamSlice(node.name, 1, 0, full)]
+        total = int(weight.shape[0])
+        lo, hi = window or (0, total)
+        layout = Layout((Segment(lo, 0, hi - lo),), total)
+        slices = [ParamSlice(node.name, 1, 0, layout)]
         if bias:
-            slices.append(ParamSlice(node.name, 2, 0, full))
-        return _Start(Flow(node.output[0], 1, full), full.total, tuple(slices))
+            slices.append(ParamSlice(node.name, 2, 0, layout))
+        return _Start(Flow(node.output[0], 1, layout), hi - lo, tuple(slices))
+    if window is not None and window != (0, _out_channels(node, weight, attrs)):
+        return None
     if node.op_type == "Gemm" and weight.ndim == 2:
         transposed = bool(attrs.get("transB", 0))
         full = Layout.full(int(weight.shape[0] if transposed else weight.shape[1]))
@@ -172,6 +236,13 @@ def _producer_start(index: GraphIndex, node: onnx.NodeProto) -> _Start | None:
         full = Layout.full(int(weight.shape[1]))
         return _Start(Flow(node.output[0], rank - 1, full), full.total, (ParamSlice(node.name, 1, 1, full),))
     return None
+
+
+def _out_channels(node: onnx.NodeProto, weight, attrs: dict) -> int:
+    """Output channels of a Gemm or MatMul producer."""
+    if node.op_type == "Gemm" and attrs.get("transB", 0):
+        return int(weight.shape[0])
+    return int(weight.shape[-1])
 
 
 def _walk(

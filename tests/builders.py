@@ -236,6 +236,36 @@ def c2f_split(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     return n.model(["N", 3, 8, 8], "cv2", ["N", 6, 8, 8]), n.dead
 
 
+def c2f_shortcut(seed: int = 0) -> tuple[onnx.ModelProto, list[int]]:
+    """YOLOv8 C2f with a residual bottleneck: the second Split output and the bottleneck's
+    last conv are summed, so cv1[4:8] and m_cv2 are coupled through the Split.
+
+    Planted: channels 1 and 2 of that summed stream (cv1 filters 5, 6 and m_cv2 filters 1, 2)
+    are exactly zero and carry no weight in any reader (m_cv1, and cv2 at both Concat slots).
+    Returns the model and the dead stream channels.
+    """
+    n = Net(seed)
+    y = _silu(n, n.conv("x", "cv1", 3, 8, k=1, pads=[0, 0, 0, 0]), "act1")
+    n.nodes.append(helper.make_node("Split", [y, n.const("sizes", np.array([4, 4], np.int64))],
+                                    ["y0", "y1"], name="split", axis=1))
+    m = _silu(n, n.conv("y1", "m_cv1", 4, 4), "m_act1")
+    m = _silu(n, n.conv(m, "m_cv2", 4, 4), "m_act2")
+    stream = n.node("Add", ["y1", m], "m_add")
+    cat = n.node("Concat", ["y0", "y1", stream], "cat", axis=1)
+    n.conv(cat, "cv2", 12, 6, k=1, pads=[0, 0, 0, 0])
+    dead = [1, 2]
+    arrays = {t.name: numpy_helper.to_array(t).copy() for t in n.inits}
+    for name in ("cv1.w", "cv1.b"):
+        arrays[name][[4 + d for d in dead]] = 0.0
+    for name in ("m_cv2.w", "m_cv2.b"):
+        arrays[name][dead] = 0.0
+    arrays["m_cv1.w"][:, dead] = 0.0
+    arrays["cv2.w"][:, [4 + d for d in dead] + [8 + d for d in dead]] = 0.0
+    for name in ("cv1.w", "cv1.b", "m_cv2.w", "m_cv2.b", "m_cv1.w", "cv2.w"):
+        n._replace(name, arrays[name])
+    return n.model(["N", 3, 8, 8], "cv2", ["N", 6, 8, 8]), dead
+
+
 def tf2onnx_nhwc(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     """Keras through tf2onnx: NHWC input, Transpose pairs around convs, BN as Mul/Add on the last
     axis, flatten as Shape→Gather→Unsqueeze→Concat→Reshape, Dense as MatMul + Add."""

@@ -247,6 +247,28 @@ def test_prune_coupled_cuts_residual_channels_jointly_and_exactly():
     assert result.flops_after < plain.flops_before
 
 
+def test_prune_coupled_cuts_a_c2f_stream_through_its_split_exactly():
+    """Only the Split window of cv1 that feeds the residual sum joins the bottleneck's conv."""
+    model, dead = builders.c2f_shortcut()
+    plain = analyze(canonicalize(model))
+    assert {c.producer for c in plain.coupled} == {"cv1", "m_cv2"}
+    result = _slim(model, SlimConfig(keep_ratio=0.5, prune_coupled=True, only=("cv1",)))
+    joint = next(g for g in result.groups if "cv1" in g.producer)
+    assert joint.producer == "cv1 + m_cv2"
+    assert joint.channels_before == 4 and joint.channels_after == 2
+    assert set(joint.kept).isdisjoint(dead)
+    assert set(joint.consumers) == {"m_cv1", "cv2"}
+    assert result.verification.rel_error < 1e-5
+    weights = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert weights["cv1.w"].shape[0] == 6 and weights["m_cv2.w"].shape[0] == 2
+    assert weights["cv2.w"].shape[1] == 4 + 2 + 2
+    split = next(n for n in result.model.graph.node if n.op_type == "Split")
+    assert weights[split.input[1]].tolist() == [4, 2]
+    x = builders.calibration(model, n=3, seed=5)
+    ref = _run(model, x)
+    assert np.abs(_run(result.model, x) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_prune_coupled_handles_squeeze_excitation_gates():
     model, _ = builders.se_block()
     plain = analyze(canonicalize(model))

@@ -59,7 +59,7 @@ def test_builders_write_the_exporters_patterns(built):
     assert dims[-1] == 3 if name == "vgg16_tf2onnx" else dims[1] == 3
 
 
-COUPLED = {"resnet50_bn_decomposed", "mobilenetv2_se"}  # where --prune-coupled forms joint groups
+COUPLED = {"resnet50_bn_decomposed", "mobilenetv2_se", "yolov8n"}  # where --prune-coupled forms joint groups
 # The graph handling is what these tests check; least-squares channel scales keep them fast. The
 # default refit (full, cross-validated ridge, corrected targets) runs here on the two cheap models
 # and on all four, at real widths, in tools/zoo.py.
