@@ -21,6 +21,8 @@ ort = pytest.importorskip("onnxruntime")
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from onnx_thinet import SlimConfig, slim  # noqa: E402
+from onnx_thinet.data import ArrayData  # noqa: E402
 from onnx_thinet.errors import ThinetError  # noqa: E402
 from onnx_thinet.torch_export import (  # noqa: E402
     SUPPORTED_OPS,
@@ -29,6 +31,7 @@ from onnx_thinet.torch_export import (  # noqa: E402
     require_torch,
     to_onnx,
 )
+from tests import builders  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -610,3 +613,22 @@ def test_to_onnx_is_atomic_and_keeps_opset(tmp_path: Path) -> None:
     assert back.opset_import[0].version == 13
     dim0 = back.graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param == "N"
+
+
+# ---------------------------------------------------------------- slim models of every family
+
+
+def _family_slim(family: str) -> onnx.ModelProto:
+    model, _ = builders.FAMILIES[family]()
+    x = builders.calibration(model, n=32)
+    config = SlimConfig(keep_ratio=0.5, prune_coupled=True, reconstruct="scale", correct=False)
+    return slim(model, ArrayData({model.graph.input[0].name: x}), config).model
+
+
+@pytest.mark.parametrize("family", sorted(builders.FAMILIES))
+def test_roundtrip_of_each_slimmed_family(family: str, tmp_path: Path) -> None:
+    """What the pruner writes, for every graph family it supports, survives the round trip."""
+    slim_model = _family_slim(family)
+    dims = slim_model.graph.input[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value for d in dims[1:])
+    roundtrip(save(slim_model, tmp_path / f"{family}.slim.onnx"), shape, tmp_path)
