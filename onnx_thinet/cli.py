@@ -153,7 +153,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def _print_slim_summary(result: SlimResult, content: dict) -> None:
     table = Table(title="pruned groups", title_justify="left")
     for col in ("producer", "consumers", "channels", "recon. error (slice)", "recon. error (rescaled)"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # names wrap, never ellipsized
     for g in result.groups:
         table.add_row(g.producer, ", ".join(g.consumers), f"{g.channels_before} → {g.channels_after}",
                       f"{g.error_before:.4f}", f"{g.error_after:.4f}")
@@ -164,7 +164,7 @@ def _print_slim_summary(result: SlimResult, content: dict) -> None:
                   f"{len(result.analysis.skipped)} not provably safe (see `inspect` or --report)")
     totals = Table(title="totals", title_justify="left")
     for col in ("", "before", "after", "ratio"):
-        totals.add_column(col)
+        totals.add_column(col, overflow="fold")  # names wrap, never ellipsized
     for label, key in (("params", "params"), ("FLOPs", "flops"), ("file bytes", "file_bytes")):
         before, after = content[f"{key}_before"], content[f"{key}_after"]
         totals.add_row(label, f"{before:,}", f"{after:,}", f"{before / max(after, 1):.2f}x")
@@ -209,20 +209,20 @@ def inspect_command(
 def _print_inspect(info: dict) -> None:
     layers = Table(title="layers (batch 1)", title_justify="left")
     for col in ("node", "op", "params", "FLOPs"):
-        layers.add_column(col)
+        layers.add_column(col, overflow="fold")  # names wrap, never ellipsized
     for row in info["layers"]:
         layers.add_row(row["node"], row["op"], f"{row['params']:,}",
                        "?" if row["flops"] is None else f"{row['flops']:,}")
     out.print(layers)
     groups = Table(title="prunable groups", title_justify="left")
     for col in ("producer", "channels", "consumers", "through"):
-        groups.add_column(col)
+        groups.add_column(col, overflow="fold")  # names wrap, never ellipsized
     for g in info["groups"]:
         groups.add_row(g["producer"], str(g["channels"]), ", ".join(g["consumers"]), " → ".join(g["path"]))
     out.print(groups)
     kept = Table(title="kept unpruned", title_justify="left")
     for col in ("producer", "why", "at"):
-        kept.add_column(col)
+        kept.add_column(col, overflow="fold")  # names wrap, never ellipsized
     for c in info["coupled"]:
         kept.add_row(c["producer"], f"coupled: {c['reason']}", c["node"])
     for s in info["skipped"]:
