@@ -63,7 +63,7 @@ def slim_command(
     keep_ratio: Annotated[float, typer.Option("--keep-ratio", help="Fraction of channels kept per prunable layer, in (0, 1].")] = 0.5,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path [default: MODEL.slim.onnx].")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
-    method: Annotated[str, typer.Option("--method", help="thinet | thinet-ls | l1 | apoz | random.")] = "thinet",
+    method: Annotated[str, typer.Option("--method", help="thinet | thinet-ls | l1 | apoz | random | lasso.")] = "thinet",
     reconstruct: Annotated[str, typer.Option("--reconstruct", help="none | scale (ThiNet's per-channel least-squares factors) | full (refit each reader's weights and bias).")] = "full",
     correct: Annotated[bool, typer.Option("--correct/--no-correct", help="Targets from the original network, so each layer also absorbs earlier layers' error.")] = True,
     ridge: Annotated[Optional[float], typer.Option("--ridge", help="Relative ridge of the full refit [default: chosen by 2-fold cross-validation per layer].")] = None,

@@ -19,6 +19,7 @@ from onnx_thinet.solvers import (
     rescale_least_squares,
     select_apoz,
     select_l1,
+    select_lasso,
     select_random,
     select_thinet,
     select_thinet_ls,
@@ -26,7 +27,7 @@ from onnx_thinet.solvers import (
 
 __all__ = ["METHODS", "RECONSTRUCTIONS", "Refit", "Selection", "choose_channels"]
 
-METHODS = ("thinet", "thinet-ls", "l1", "apoz", "random")
+METHODS = ("thinet", "thinet-ls", "l1", "apoz", "random", "lasso")
 RECONSTRUCTIONS = ("none", "scale", "full")
 
 
@@ -88,6 +89,8 @@ def _select(method: str, total: ConsumerStats, keep: int, filter_l1, rng) -> np.
         return select_l1(filter_l1, keep)
     if method == "apoz":
         return select_apoz(total.zeros / max(total.elements, 1), keep)
+    if method == "lasso":
+        return select_lasso(total.gram, total.corr, keep)
     return select_random(total.channels, keep, rng)
 
 

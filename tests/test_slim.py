@@ -73,6 +73,16 @@ def test_thinet_variants_are_also_exact(family, method, reconstruct):
 
 
 @pytest.mark.parametrize("family", sorted(builders.FAMILIES))
+def test_lasso_selection_also_recovers_the_planted_channels(family):
+    model, dead = builders.FAMILIES[family]()
+    result = _slim(model, SlimConfig(keep_ratio=0.5, method="lasso", only=tuple(dead)))
+    for producer, channels in dead.items():
+        group = next(g for g in result.groups if g.producer == producer)
+        assert set(group.kept).isdisjoint(channels)
+    assert result.verification.rel_error < 1e-4
+
+
+@pytest.mark.parametrize("family", sorted(builders.FAMILIES))
 def test_keep_ratio_one_gives_an_equivalent_model(family):
     model, _ = builders.FAMILIES[family]()
     result = _slim(model, SlimConfig(keep_ratio=1.0))

@@ -17,6 +17,7 @@ from onnx_thinet.solvers import (
     rescale_least_squares,
     select_apoz,
     select_l1,
+    select_lasso,
     select_random,
     select_thinet,
     select_thinet_ls,
@@ -110,6 +111,27 @@ def test_thinet_ls_recovers_sparse_support_and_is_near_best_subset():
     w = np.linalg.lstsq(z[:, kept], target, rcond=None)[0]
     err = float(np.sum((target - z[:, kept] @ w) ** 2))
     assert err <= 1.2 * _best_subset_error(z, target, 4)
+
+
+def test_lasso_finds_the_sparse_support_and_ignores_silent_channels():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((400, 9))
+    x[:, 7] = 0.0  # a channel that contributes nothing anywhere
+    y = x[:, [0, 3, 5]] @ np.array([2.0, -1.0, 0.7])
+    gram, corr, _ = _stats(x, y)
+    np.testing.assert_array_equal(select_lasso(gram, corr, 3), [0, 3, 5])
+    kept = select_lasso(gram, corr, 5)
+    assert len(kept) == 5 and {0, 3, 5} <= set(kept.tolist()) and 7 not in kept
+
+
+def test_lasso_returns_keep_channels_even_when_the_penalty_path_jumps():
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((300, 12))
+    z[:, 1] = z[:, 0]  # duplicates enter the path together
+    gram, corr, _ = _stats(z, z.sum(axis=1))
+    for keep in range(1, 13):
+        kept = select_lasso(gram, corr, keep)
+        assert len(kept) == keep == len(set(kept.tolist()))
 
 
 def test_baselines_pick_by_their_criteria():

@@ -1,6 +1,6 @@
 """Benchmarks: solver speed on large layers, and onnxruntime latency before/after slimming.
 
-    python tools/bench.py select                      # ThiNet greedy / OMP / refit on big Grams
+    python tools/bench.py select                      # ThiNet greedy / OMP / LASSO / refit on big Grams
     python tools/bench.py latency ORIG.onnx SLIM.onnx # median latency ratio, same run, same machine
     python tools/bench.py memory --images 256 1024    # peak RSS of `slim` vs calibration-set size
 
@@ -22,7 +22,12 @@ import numpy as np
 
 
 def bench_select(channels: int, samples: int, repeats: int) -> dict:
-    from onnx_thinet.solvers import rescale_least_squares, select_thinet, select_thinet_ls
+    from onnx_thinet.solvers import (
+        rescale_least_squares,
+        select_lasso,
+        select_thinet,
+        select_thinet_ls,
+    )
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((samples, channels)).astype(np.float32) * rng.uniform(0.1, 2, channels)
@@ -34,6 +39,7 @@ def bench_select(channels: int, samples: int, repeats: int) -> dict:
     for name, fn in (
         ("thinet_greedy", lambda: select_thinet(gram, corr, float(corr.sum()), channels // 2)),
         ("thinet_ls_omp", lambda: select_thinet_ls(gram, corr, channels // 2)),
+        ("lasso", lambda: select_lasso(gram, corr, channels // 2)),
         ("rescale", lambda: rescale_least_squares(gram, corr, np.arange(channels // 2))),
     ):
         times = []
