@@ -312,7 +312,7 @@ def _flatten(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
 def _reshape(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     dims, out_dims = _concrete(ctx.index.shapes.get(flow.tensor), ctx.index.shapes.get(node.output[0]))
     if dims is None:
-        return _blocked("Reshape shapes are not static")
+        return _blocked("Reshape target shape is only known at run time, so where the channels go cannot be proven")
     groups = _reshape_groups(list(dims), list(out_dims))
     if groups is None:
         return _blocked("Reshape splits the channel axis")
