@@ -213,14 +213,19 @@ def sppf(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     return n.model(["N", 3, 10, 10], "cv2", ["N", 5, 10, 10]), n.dead
 
 
-def c2f_split(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
-    """YOLOv8 C2f without shortcut: cv1 → Split → (y0, y1); y1 → bottleneck; Concat → cv2."""
-    n = Net(seed)
+def _c2f_trunk(n: Net) -> str:
+    """cv1(3→8, 1×1) → SiLU → Split(4, 4) into y0, y1 → bottleneck m_cv1, m_cv2 on y1."""
     y = _silu(n, n.conv("x", "cv1", 3, 8, k=1, pads=[0, 0, 0, 0]), "act1")
     n.nodes.append(helper.make_node("Split", [y, n.const("sizes", np.array([4, 4], np.int64))],
                                     ["y0", "y1"], name="split", axis=1))
     m = _silu(n, n.conv("y1", "m_cv1", 4, 4), "m_act1")
-    m = _silu(n, n.conv(m, "m_cv2", 4, 4), "m_act2")
+    return _silu(n, n.conv(m, "m_cv2", 4, 4), "m_act2")
+
+
+def c2f_split(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """YOLOv8 C2f without shortcut: cv1 → Split → (y0, y1); y1 → bottleneck; Concat → cv2."""
+    n = Net(seed)
+    m = _c2f_trunk(n)
     cat = n.node("Concat", ["y0", "y1", m], "cat", axis=1)
     n.conv(cat, "cv2", 12, 6, k=1, pads=[0, 0, 0, 0])
     # cv1 channels 1, 3 (in y0) and 5, 6 (in y1 as 1, 2) are dead everywhere they are read.
@@ -245,11 +250,7 @@ def c2f_shortcut(seed: int = 0) -> tuple[onnx.ModelProto, list[int]]:
     Returns the model and the dead stream channels.
     """
     n = Net(seed)
-    y = _silu(n, n.conv("x", "cv1", 3, 8, k=1, pads=[0, 0, 0, 0]), "act1")
-    n.nodes.append(helper.make_node("Split", [y, n.const("sizes", np.array([4, 4], np.int64))],
-                                    ["y0", "y1"], name="split", axis=1))
-    m = _silu(n, n.conv("y1", "m_cv1", 4, 4), "m_act1")
-    m = _silu(n, n.conv(m, "m_cv2", 4, 4), "m_act2")
+    m = _c2f_trunk(n)
     stream = n.node("Add", ["y1", m], "m_add")
     cat = n.node("Concat", ["y0", "y1", stream], "cat", axis=1)
     n.conv(cat, "cv2", 12, 6, k=1, pads=[0, 0, 0, 0])
