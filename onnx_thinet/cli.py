@@ -164,7 +164,7 @@ def _print_slim_summary(result: SlimResult, content: dict) -> None:
                   f"{len(result.analysis.skipped)} not provably safe (see `inspect` or --report)")
     totals = Table(title="totals", title_justify="left")
     for col in ("", "before", "after", "ratio"):
-        totals.add_column(col, overflow="fold")  # names wrap, never ellipsized
+        totals.add_column(col)
     for label, key in (("params", "params"), ("FLOPs", "flops"), ("file bytes", "file_bytes")):
         before, after = content[f"{key}_before"], content[f"{key}_after"]
         totals.add_row(label, f"{before:,}", f"{after:,}", f"{before / max(after, 1):.2f}x")
