@@ -313,15 +313,19 @@ def _verify_output(torch: Any, module: Any, path: Path, xs: np.ndarray) -> None:
     if dims and isinstance(dims[0], int):
         xs = xs[: dims[0]]
     got = sess.run(None, {sess.get_inputs()[0].name: xs})
+    err = _module_error(torch, module, xs, got)
+    if err > 1e-3:
+        raise ThinetError(
+            f"the exported {path} disagrees with the trained module (rel. error {err:.1e})"
+        )
+
+
+def _module_error(torch: Any, module: Any, xs: np.ndarray, got: list[np.ndarray]) -> float:
+    """Largest relative error between the module's outputs on `xs` and `got`."""
     with torch.no_grad():
         ref = module(torch.from_numpy(xs))
     ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
-    for r, g in zip(ref, got, strict=False):
-        err = _rel_err(r.numpy(), g)
-        if err > 1e-3:
-            raise ThinetError(
-                f"the exported {path} disagrees with the trained module (rel. error {err:.1e})"
-            )
+    return max((_rel_err(r.numpy(), g) for r, g in zip(ref, got, strict=False)), default=0.0)
 
 
 # ---------------------------------------------------------------- main entry
@@ -905,13 +909,9 @@ def _verify_graph(torch: Any, module: Any, model: onnx.ModelProto, xs: np.ndarra
         raise ThinetError("the fine-tuned model produces NaN/inf")
     if module is None:
         return
-    with torch.no_grad():
-        ref = module(torch.from_numpy(xs))
-    ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
-    for r, g in zip(ref, got, strict=False):
-        err = _rel_err(r.numpy(), g)
-        if err > 1e-3:
-            raise ThinetError(
-                "internal error: the fine-tuned weights written back into the graph disagree "
-                f"with the trained module (rel. error {err:.1e})"
-            )
+    err = _module_error(torch, module, xs, got)
+    if err > 1e-3:
+        raise ThinetError(
+            "internal error: the fine-tuned weights written back into the graph disagree "
+            f"with the trained module (rel. error {err:.1e})"
+        )

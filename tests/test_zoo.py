@@ -7,6 +7,7 @@ output shape, and be unchanged at keep ratio 1.0.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -32,12 +33,15 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(TINY))
-def built(request):
-    name = request.param
+@functools.cache
+def _build(name: str):
     model = zoo.BUILDERS[name](**TINY[name])  # checks itself against PyTorch (rel < 1e-4)
-    x = zoo.calibration_for(model, 16, seed=1)
-    return name, model, x
+    return name, model, zoo.calibration_for(model, 16, seed=1)
+
+
+@pytest.fixture(params=sorted(TINY))
+def built(request):
+    return _build(request.param)
 
 
 def _run(model, x):
@@ -79,29 +83,37 @@ def _check_slim(model, x, config):
     assert np.isfinite(result.verification.rel_error)
 
 
-@pytest.mark.parametrize("prune_coupled", [False, True], ids=["default", "coupled"])
-def test_slims_to_fewer_flops_and_runs_at_batch_1_and_3(built, prune_coupled):
-    name, model, x = built
-    if prune_coupled and name not in COUPLED:
-        pytest.skip("no residual or gating coupling that --prune-coupled joins (tools/zoo.py runs it)")
-    _check_slim(model, x, SlimConfig(keep_ratio=0.5, prune_coupled=prune_coupled, **FAST))
+def test_slims_to_fewer_flops_and_runs_at_batch_1_and_3(built):
+    _, model, x = built
+    _check_slim(model, x, SlimConfig(keep_ratio=0.5, **FAST))
 
 
-def test_default_config_slims(built):
-    name, model, x = built
-    if name not in DEFAULT_TOO:
-        pytest.skip("slow with the default refit at test sizes; tools/zoo.py runs it")
+@pytest.mark.parametrize("name", sorted(COUPLED))
+def test_prune_coupled_slims_and_runs_at_batch_1_and_3(name):
+    _, model, x = _build(name)
+    _check_slim(model, x, SlimConfig(keep_ratio=0.5, prune_coupled=True, **FAST))
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_TOO))
+def test_default_config_slims(name):
+    _, model, x = _build(name)
     _check_slim(model, x, SlimConfig(keep_ratio=0.5))
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["scale", "default"])
-def test_keep_ratio_one_is_the_identity(built, fast):
-    name, model, x = built
-    if not fast and name != "resnet50_bn_decomposed":
-        pytest.skip("the default refit at keep ratio 1.0 is checked on resnet50 only (slow)")
+def _assert_identity(model, x, config):
     input_name, _ = zoo.input_layout(model)
-    config = SlimConfig(keep_ratio=1.0, **(FAST if fast else {}))
     result = slim(model, ArrayData({input_name: x}), config)
     out, ref = _run(result.model, x[:3]), _run(model, x[:3])
     assert out.shape == ref.shape
     assert zoo.rel_error(out, ref) < 1e-4
+
+
+def test_keep_ratio_one_is_the_identity(built):
+    _, model, x = built
+    _assert_identity(model, x, SlimConfig(keep_ratio=1.0, **FAST))
+
+
+def test_keep_ratio_one_is_the_identity_with_the_default_refit():
+    """The slow default refit at keep ratio 1.0, on the model with the most kinds of groups."""
+    _, model, x = _build("resnet50_bn_decomposed")
+    _assert_identity(model, x, SlimConfig(keep_ratio=1.0))
