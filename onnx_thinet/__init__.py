@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from onnx_thinet.analysis import Analysis, analyze
-from onnx_thinet.channels import ChannelGroup, Consumer, Coupled, ParamSlice, Skipped
-from onnx_thinet.data import Preprocess, load_calibration, parse_preprocess
+from onnx_thinet.channels.analysis import Analysis, analyze
+from onnx_thinet.channels.layout import ChannelGroup, Consumer, Coupled, ParamSlice, Skipped
 from onnx_thinet.errors import ThinetError
-from onnx_thinet.graph import canonicalize, load_model, save_model_atomic
+from onnx_thinet.io.data import Preprocess, load_calibration, parse_preprocess
+from onnx_thinet.io.graph import canonicalize, load_model, save_model_atomic
+from onnx_thinet.pytorch.export import export_torch, to_onnx
 from onnx_thinet.slim import GroupResult, SlimConfig, SlimResult, slim
-from onnx_thinet.torch_export import export_torch, to_onnx
 
 __all__ = [
     "Analysis",

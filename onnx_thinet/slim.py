@@ -10,17 +10,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from onnx_thinet.analysis import Analysis, analyze
-from onnx_thinet.calibrate import ConsumerStats, collect_statistics
-from onnx_thinet.channels import ChannelGroup
-from onnx_thinet.data import CalibrationData
+from onnx_thinet.calibration.collect import ConsumerStats, collect_statistics
+from onnx_thinet.channels.analysis import Analysis, analyze
+from onnx_thinet.channels.layout import ChannelGroup
+from onnx_thinet.check.metrics import count_params, total_flops
+from onnx_thinet.check.verify import OutputComparison, check_model, compare_outputs
 from onnx_thinet.errors import ThinetError
-from onnx_thinet.graph import GraphIndex, canonicalize, infer_shapes
-from onnx_thinet.metrics import count_params, total_flops
-from onnx_thinet.rewrite import apply_selection, initializer_array
-from onnx_thinet.selection import METHODS, RECONSTRUCTIONS, Selection, choose_channels
-from onnx_thinet.solvers import keep_count
-from onnx_thinet.verify import OutputComparison, check_model, compare_outputs
+from onnx_thinet.io.data import CalibrationData
+from onnx_thinet.io.graph import GraphIndex, canonicalize, infer_shapes
+from onnx_thinet.rewrite.surgery import apply_selection, initializer_array
+from onnx_thinet.solve.selection import METHODS, RECONSTRUCTIONS, Selection, choose_channels
+from onnx_thinet.solve.solvers import keep_count
 
 __all__ = ["GroupResult", "SlimConfig", "SlimResult", "schedule_waves", "slim", "split_holdout"]
 
@@ -281,7 +281,7 @@ def _finetune_between_passes(current, teacher, config: SlimConfig, pass_index: i
 
     Each pass draws other batches (seed + pass), so the passes together see more of the data.
     """
-    from onnx_thinet.finetune import finetune_graph
+    from onnx_thinet.pytorch.finetune import finetune_graph
 
     tuned = finetune_graph(current, teacher, config.finetune_data, config.finetune_steps,
                            seed=config.seed + pass_index,

@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-import onnx_thinet.graph as graph_io
+import onnx_thinet.io.graph as graph_io
 from onnx_thinet import SlimConfig, load_model, save_model_atomic, slim
-from onnx_thinet.data import ArrayData
+from onnx_thinet.io.data import ArrayData
 from tests import builders
 
 

@@ -19,9 +19,9 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from onnx_thinet.cli_torch import register  # noqa: E402
+from onnx_thinet.cli.torch_commands import register  # noqa: E402
 from onnx_thinet.errors import ThinetError  # noqa: E402
-from onnx_thinet.finetune import CHECKPOINT_NAME, FinetuneResult, finetune  # noqa: E402
+from onnx_thinet.pytorch.finetune import CHECKPOINT_NAME, FinetuneResult, finetune  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

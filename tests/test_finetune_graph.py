@@ -20,10 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx_thinet import finetune as ft  # noqa: E402
+from onnx_thinet.pytorch import finetune as ft  # noqa: E402
 from onnx_thinet.errors import ThinetError  # noqa: E402
-from onnx_thinet.finetune import finetune_graph  # noqa: E402
-from onnx_thinet.torch_export import InitSource, export_torch_model  # noqa: E402
+from onnx_thinet.pytorch.export import InitSource, export_torch_model  # noqa: E402
+from onnx_thinet.pytorch.finetune import finetune_graph  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -354,7 +354,7 @@ def test_worse_loss_keeps_the_weights(data, monkeypatch, caplog) -> None:
     student = noisy(teacher)
     losses = iter([1.0, 2.0])
     monkeypatch.setattr(ft, "_chunked_probe_loss", lambda *a, **k: next(losses))
-    with caplog.at_level(logging.WARNING, logger="onnx_thinet.finetune"):
+    with caplog.at_level(logging.WARNING, logger="onnx_thinet.pytorch.finetune"):
         tuned = finetune_graph(student, teacher, data["x"], 3, lr=1e-3)
     assert tuned.SerializeToString() == student.SerializeToString()
     assert "raised the probe loss" in caplog.text

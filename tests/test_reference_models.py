@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 
 from onnx_thinet import SlimConfig, load_model, slim
-from onnx_thinet.data import ArrayData
-from onnx_thinet.evaluate import evaluate
+from onnx_thinet.check.evaluate import evaluate
+from onnx_thinet.io.data import ArrayData
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("vgg", "resnet", "mobilenet")
@@ -70,8 +70,8 @@ def _ort(model, x):
 def test_round_trip_through_pytorch_on_reference_models(tmp_path, slimmed, name):
     torch = pytest.importorskip("torch")
     from onnx_thinet import export_torch, to_onnx
-    from onnx_thinet.graph import save_model_atomic
-    from onnx_thinet.torch_export import load_exported
+    from onnx_thinet.io.graph import save_model_atomic
+    from onnx_thinet.pytorch.export import load_exported
 
     x = np.load(ROOT / "models" / "fmnist_test_1k.npz")["x"][:37]
     original, result = slimmed[name]

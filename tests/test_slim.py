@@ -9,7 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnx_thinet import SlimConfig, ThinetError, analyze, canonicalize, slim
-from onnx_thinet.data import ArrayData
+from onnx_thinet.io.data import ArrayData
 from onnx_thinet.slim import schedule_waves
 from tests import builders
 

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from onnx_thinet.solvers import (
+from onnx_thinet.solve.solvers import (
     FitMoments,
     choose_ridge,
     keep_count,

@@ -22,9 +22,9 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from onnx_thinet import SlimConfig, slim  # noqa: E402
-from onnx_thinet.data import ArrayData  # noqa: E402
 from onnx_thinet.errors import ThinetError  # noqa: E402
-from onnx_thinet.torch_export import (  # noqa: E402
+from onnx_thinet.io.data import ArrayData  # noqa: E402
+from onnx_thinet.pytorch.export import (  # noqa: E402
     SUPPORTED_OPS,
     export_torch,
     load_exported,

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("torch")
 
 from onnx_thinet import SlimConfig, slim  # noqa: E402
-from onnx_thinet.data import ArrayData  # noqa: E402
+from onnx_thinet.io.data import ArrayData  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -22,7 +22,7 @@ import numpy as np
 
 
 def bench_select(channels: int, samples: int, repeats: int) -> dict:
-    from onnx_thinet.solvers import (
+    from onnx_thinet.solve.solvers import (
         rescale_least_squares,
         select_lasso,
         select_thinet,

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_thinet.graph import GraphIndex, static_input_shapes
+from onnx_thinet.io.graph import GraphIndex, static_input_shapes
 
 __all__ = ["LayerCost", "count_params", "layer_costs", "total_flops"]
 

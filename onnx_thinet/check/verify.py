@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnx_thinet.data import CalibrationData
+from onnx_thinet.calibration.runtime import make_session
 from onnx_thinet.errors import ThinetError
-from onnx_thinet.runtime import make_session
+from onnx_thinet.io.data import CalibrationData
 
 __all__ = ["OutputComparison", "check_model", "compare_outputs"]
 

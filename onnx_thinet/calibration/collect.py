@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_thinet.channels import ChannelGroup, Consumer, channel_indicator
-from onnx_thinet.data import CalibrationData
-from onnx_thinet.runtime import make_session, truncated_model
-from onnx_thinet.solvers import FitMoments
+from onnx_thinet.calibration.runtime import make_session, truncated_model
+from onnx_thinet.channels.layout import ChannelGroup, Consumer, channel_indicator
+from onnx_thinet.io.data import CalibrationData
+from onnx_thinet.solve.solvers import FitMoments
 
 __all__ = [
     "ConsumerStats",

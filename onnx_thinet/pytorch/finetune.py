@@ -30,7 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_thinet.errors import ThinetError
-from onnx_thinet.torch_export import (
+from onnx_thinet.pytorch.export import (
     InitSource,
     _load_onnx,
     _real_inputs,

@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from onnx_thinet.analysis import analyze
-from onnx_thinet.data import load_calibration, parse_preprocess
+from onnx_thinet.channels.analysis import analyze
+from onnx_thinet.check.metrics import count_params, layer_costs
 from onnx_thinet.errors import ThinetError
-from onnx_thinet.graph import canonicalize, load_model, save_model_atomic
-from onnx_thinet.metrics import count_params, layer_costs
+from onnx_thinet.io.data import load_calibration, parse_preprocess
+from onnx_thinet.io.graph import canonicalize, load_model, save_model_atomic
 from onnx_thinet.slim import SlimConfig, SlimResult, slim
 
 app = typer.Typer(
@@ -233,7 +233,7 @@ def _print_inspect(info: dict) -> None:
 
 def _register_optional_commands() -> None:
     """Commands that live in their own modules (evaluation, PyTorch round trip)."""
-    for module_name in ("onnx_thinet.cli_eval", "onnx_thinet.cli_torch"):
+    for module_name in ("onnx_thinet.cli.eval_commands", "onnx_thinet.cli.torch_commands"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:

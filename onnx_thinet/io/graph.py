@@ -265,7 +265,7 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
 
 
 def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    from onnx_thinet.runtime import random_inputs, run_model
+    from onnx_thinet.calibration.runtime import random_inputs, run_model
 
     try:
         feeds = random_inputs(a, batch=2, seed=0)

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_thinet.data import (
+from onnx_thinet.calibration.runtime import graph_inputs, make_session
+from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.data import (
     IMAGE_SUFFIXES,
     ArrayData,
     CalibrationData,
@@ -16,8 +18,6 @@ from onnx_thinet.data import (
     check_arrays,
     load_calibration,
 )
-from onnx_thinet.errors import ThinetError
-from onnx_thinet.runtime import graph_inputs, make_session
 
 __all__ = ["EvalResult", "evaluate", "load_labelled"]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from onnx_thinet.channels import (
+from onnx_thinet.channels.layout import (
     ChannelGroup,
     Consumer,
     Coupled,
@@ -17,8 +17,8 @@ from onnx_thinet.channels import (
     Segment,
     Skipped,
 )
-from onnx_thinet.graph import GraphIndex, infer_shapes
-from onnx_thinet.rules import RULES, Flow, RuleContext, Step
+from onnx_thinet.channels.rules import RULES, Flow, RuleContext, Step
+from onnx_thinet.io.graph import GraphIndex, infer_shapes
 
 __all__ = ["Analysis", "analyze", "opset_version"]
 

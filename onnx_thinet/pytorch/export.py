@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_thinet.errors import ThinetError
-from onnx_thinet.graph import tensor_shape
+from onnx_thinet.io.graph import tensor_shape
 
 __all__ = [
     "SUPPORTED_OPS",
@@ -290,7 +290,7 @@ class InitSource:
 
     The module's tensor is ``(T(init) if transpose else init) * scale`` reshaped to the
     parameter's shape (transpose only for 2-D initializers). The inverse, which
-    ``onnx_thinet.finetune`` uses to write trained values back, is ``value / scale``,
+    ``onnx_thinet.pytorch.finetune`` uses to write trained values back, is ``value / scale``,
     transposed back when marked, reshaped to the initializer's shape.
     """
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnx_thinet.calibration.runtime import ONNX_TO_NUMPY, graph_inputs
 from onnx_thinet.errors import ThinetError
-from onnx_thinet.runtime import ONNX_TO_NUMPY, graph_inputs
 
 __all__ = [
     "PRESETS",

@@ -8,10 +8,10 @@ from functools import reduce
 
 import numpy as np
 
-from onnx_thinet.calibrate import ConsumerStats
-from onnx_thinet.channels import ChannelGroup, Consumer, removed_positions
+from onnx_thinet.calibration.collect import ConsumerStats
+from onnx_thinet.channels.layout import ChannelGroup, Consumer, removed_positions
 from onnx_thinet.errors import ThinetError
-from onnx_thinet.solvers import (
+from onnx_thinet.solve.solvers import (
     choose_ridge,
     reconstruction_error,
     refit_error,

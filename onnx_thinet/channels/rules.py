@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_thinet.channels import AttrUpdate, Consumer, Layout, ParamSlice, ShapeFix
-from onnx_thinet.graph import GraphIndex
+from onnx_thinet.channels.layout import AttrUpdate, Consumer, Layout, ParamSlice, ShapeFix
+from onnx_thinet.io.graph import GraphIndex
 
 __all__ = ["RULES", "Flow", "RuleContext", "Step", "data_rule", "rule", "supported_ops"]
 

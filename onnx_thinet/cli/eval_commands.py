@@ -12,7 +12,7 @@ __all__ = ["register"]
 
 
 def register(app: typer.Typer) -> None:
-    from onnx_thinet.cli import out, user_errors
+    from onnx_thinet.cli.main import out, user_errors
 
     @app.command("eval")
     @user_errors
@@ -26,9 +26,9 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
         """Top-1 accuracy on labelled data; with --reference, agreement and output error."""
-        from onnx_thinet.data import parse_preprocess
-        from onnx_thinet.evaluate import evaluate, load_labelled
-        from onnx_thinet.graph import load_model
+        from onnx_thinet.check.evaluate import evaluate, load_labelled
+        from onnx_thinet.io.data import parse_preprocess
+        from onnx_thinet.io.graph import load_model
 
         candidate = load_model(model)
         original = load_model(reference) if reference is not None else None

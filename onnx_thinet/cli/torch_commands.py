@@ -78,7 +78,7 @@ def export_torch_command(
     ],
 ) -> None:
     """Write a readable PyTorch nn.Module (model.py + weights.pt) equivalent to an ONNX model."""
-    from .torch_export import export_torch
+    from onnx_thinet.pytorch.export import export_torch
 
     _require_onnx_file(model, "model")
     model_py = export_torch(model, output)
@@ -136,7 +136,7 @@ def finetune_command(
     ] = False,
 ) -> None:
     """Recover a pruned model's accuracy by distilling the original model into it."""
-    from .finetune import finetune
+    from onnx_thinet.pytorch.finetune import finetune
 
     _require_onnx_file(model, "student model")
     _require_onnx_file(teacher, "teacher model")

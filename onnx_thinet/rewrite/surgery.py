@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_thinet.channels import (
+from onnx_thinet.channels.layout import (
     ChannelGroup,
     Consumer,
     ParamSlice,

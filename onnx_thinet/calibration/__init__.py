@@ -1,0 +1,1 @@
+"""Calibration engine: onnxruntime sessions, batching, and the statistics the solvers need."""

@@ -1,0 +1,1 @@
+"""Channel analysis: layouts, per-op rules, and the prunable and coupled groups that follow."""

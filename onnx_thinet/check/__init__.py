@@ -1,0 +1,1 @@
+"""Verification, cost metrics (params, FLOPs) and evaluation on labelled data."""

@@ -1,0 +1,1 @@
+"""Solvers: channel selection and least-squares refits on plain arrays."""
