@@ -17,7 +17,7 @@ from onnx_thinet.check.metrics import count_params, total_flops
 from onnx_thinet.check.verify import OutputComparison, check_model, compare_outputs
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.data import CalibrationData
-from onnx_thinet.io.graph import GraphIndex, canonicalize, infer_shapes
+from onnx_thinet.io.graph import GraphIndex, canonicalize, infer_shapes, preserve_interface
 from onnx_thinet.rewrite.surgery import apply_selection, initializer_array
 from onnx_thinet.solve.selection import METHODS, RECONSTRUCTIONS, Selection, choose_channels
 from onnx_thinet.solve.solvers import keep_count
@@ -96,6 +96,7 @@ class SlimResult:
     forward_passes: int
     timings: dict[str, float] = field(default_factory=dict)
     config: SlimConfig = field(default_factory=SlimConfig)
+    flops_input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def report(self) -> dict:
         """The JSON report (`--report`); its keys are a contract relied on by scripts."""
@@ -104,6 +105,7 @@ class SlimResult:
             "params_after": self.params_after,
             "flops_before": self.flops_before,
             "flops_after": self.flops_after,
+            "flops_input_shapes": {k: list(v) for k, v in self.flops_input_shapes.items()},
             "output_rel_error": self.verification.rel_error,
             "output_max_abs_error": self.verification.max_abs_error,
             "top1_agreement": self.verification.top1_agreement,
@@ -214,10 +216,11 @@ def slim(
         analysis=analysis,
         groups=results,
         verification=comparison,
-        params_before=count_params(model),
+        params_before=count_params(canonical),
         params_after=count_params(current),
-        flops_before=total_flops(model, shapes),
+        flops_before=total_flops(canonical, shapes),
         flops_after=total_flops(current, shapes),
+        flops_input_shapes=shapes,
         forward_passes=len(waves),
         timings=timings,
         config=config,
@@ -331,7 +334,7 @@ def _finalize(slimmed: onnx.ModelProto, original: onnx.ModelProto) -> onnx.Model
             vi.CopyFrom(outputs[vi.name])
     del slimmed.metadata_props[:]
     slimmed.metadata_props.extend(original.metadata_props)
-    return infer_shapes(slimmed)
+    return preserve_interface(original, infer_shapes(slimmed))
 
 
 def _sample_shapes(data: CalibrationData) -> dict[str, tuple[int, ...]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -19,6 +20,7 @@ __all__ = [
     "canonicalize",
     "infer_shapes",
     "load_model",
+    "preserve_interface",
     "save_model_atomic",
     "static_input_shapes",
     "tensor_shape",
@@ -124,6 +126,8 @@ def static_input_shapes(
                     value = 1
             d.Clear()
             d.dim_value = int(value)
+    for output in out.graph.output:  # declared output dims (an export's fixed batch) must not leak in
+        output.type.tensor_type.ClearField("shape")
     del out.graph.value_info[:]
     return infer_shapes(out)
 
@@ -144,6 +148,16 @@ def tensor_shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...
     return tuple(dims)
 
 
+def preserve_interface(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the original's declared inputs and outputs, verbatim: names, element types,
+    and shapes with their symbolic or unknown dims (shape inference would fill those in)."""
+    declared = {vi.name: vi for vi in list(original.graph.input) + list(original.graph.output)}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name in declared:
+            vi.CopyFrom(declared[vi.name])
+    return model
+
+
 def canonicalize(model: onnx.ModelProto, simplify: bool = True) -> onnx.ModelProto:
     """Bring an exported graph into the plain form the channel rules understand.
 
@@ -156,15 +170,29 @@ def canonicalize(model: onnx.ModelProto, simplify: bool = True) -> onnx.ModelPro
         return infer_shapes(model)
     for name, step in (("onnxsim", _simplify_onnxsim), ("onnxruntime", _optimize_ort_basic)):
         try:
-            candidate = step(model)
+            with _quiet_onnxruntime():
+                candidate = step(model)
         except Exception as exc:
-            logger.info("%s canonicalization skipped: %s", name, _one_line(exc))
+            logger.info("canonicalization: %s skipped: %s", name, _one_line(exc))
             continue
         if _same_outputs(model, candidate):
+            logger.info("canonicalization: %s applied (outputs unchanged on random inputs)", name)
             model = candidate
         else:
-            logger.info("%s canonicalization changed outputs; skipped", name)
+            logger.info("canonicalization: %s changed the outputs or could not be compared; skipped", name)
     return infer_shapes(_name_nodes(_constants_to_initializers(model)))
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime():
+    """Keep onnxruntime's own error lines (a probe that fails is expected) off the user's screen."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default: warnings and above
 
 
 def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -199,7 +227,7 @@ def _optimize_ort_basic(model: onnx.ModelProto) -> onnx.ModelProto:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.optimized_model_filepath = out
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4
         ort.InferenceSession(
             model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
         )
@@ -265,14 +293,15 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
 
 
 def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    from onnx_thinet.calibration.runtime import random_inputs, run_model
+    from onnx_thinet.calibration.runtime import random_inputs
 
     try:
         feeds = random_inputs(a, batch=2, seed=0)
-        out_a = run_model(a, feeds)
-        out_b = run_model(b, feeds)
+        with _quiet_onnxruntime():
+            out_a = _probe_run(a, feeds)
+            out_b = _probe_run(b, feeds)
     except Exception as exc:
-        logger.info("could not compare canonicalized outputs: %s", _one_line(exc))
+        logger.info("canonicalization: could not compare outputs on random inputs: %s", _one_line(exc))
         return False
     for x, y in zip(out_a, out_b):
         if x.shape != y.shape:
@@ -284,6 +313,18 @@ def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
         elif not np.array_equal(x, y):
             return False
     return len(out_a) == len(out_b)
+
+
+def _probe_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a canonicalization probe with onnxruntime's logging off (failures are reported by us)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4
+    return session.run(None, feeds, run_options)
 
 
 @dataclass
