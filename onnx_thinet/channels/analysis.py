@@ -216,6 +216,8 @@ def _producer_start(
         if bias:
             slices.append(ParamSlice(node.name, 2, 0, layout))
         return _Start(Flow(node.output[0], 1, layout), hi - lo, tuple(slices))
+    if node.op_type == "ConvTranspose" and attrs.get("group", 1) == 1 and weight.ndim >= 3:
+        return _transposed_conv_start(node, weight, bias, window)
     if window is not None and window != (0, _out_channels(node, weight, attrs)):
         return None
     if node.op_type == "Gemm" and weight.ndim == 2:
@@ -236,6 +238,17 @@ def _producer_start(
         full = Layout.full(int(weight.shape[1]))
         return _Start(Flow(node.output[0], rank - 1, full), full.total, (ParamSlice(node.name, 1, 1, full),))
     return None
+
+
+def _transposed_conv_start(node: onnx.NodeProto, weight, bias, window: Window | None) -> _Start:
+    """A ConvTranspose's filters are axis 1 of its weight [C_in, C_out/group, k...]."""
+    total = int(weight.shape[1])
+    lo, hi = window or (0, total)
+    layout = Layout((Segment(lo, 0, hi - lo),), total)
+    slices = [ParamSlice(node.name, 1, 1, layout)]
+    if bias:
+        slices.append(ParamSlice(node.name, 2, 0, layout))
+    return _Start(Flow(node.output[0], 1, layout), hi - lo, tuple(slices))
 
 
 def _out_channels(node: onnx.NodeProto, weight, attrs: dict) -> int:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnx_thinet.channels.consumers import ConsumerKind
+
 __all__ = [
     "AttrUpdate",
     "ChannelGroup",
@@ -135,13 +137,14 @@ class ShapeFix:
 class Consumer:
     """A layer that reads the group's channels as its input channels and is rescaled by ThiNet.
 
-    `kind` is "conv" (input patches) or "linear" (Gemm/MatMul, weight as [K, F] after
-    `transpose`). `weight` names the node input holding the weight, cut along its axis;
-    `bias_index` is where a bias input goes (None for MatMul, which has none).
+    `kind` says how it stores its weight and reads its input (`consumers.CONV`,
+    `CONV_TRANSPOSE`, `LINEAR` for Gemm/MatMul, `transpose` for Gemm's transB). `weight` names
+    the node input holding the weight, cut along its axis; `bias_index` is where a bias input
+    goes (None for MatMul, which has none).
     """
 
     node: str
-    kind: str
+    kind: ConsumerKind
     input: str
     weight: ParamSlice
     transpose: bool = False

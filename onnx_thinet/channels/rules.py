@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnx_thinet.channels.consumers import CONV, LINEAR
 from onnx_thinet.channels.layout import AttrUpdate, Consumer, Layout, ParamSlice, ShapeFix
 from onnx_thinet.io.graph import GraphIndex
 
@@ -469,7 +470,7 @@ def _conv(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if group == 1:
         if weight.ndim not in (3, 4):
             return _blocked(f"{weight.ndim - 2}-D Conv consumers are not supported")
-        return Step(consumer=Consumer(node.name, "conv", flow.tensor, ParamSlice(node.name, 1, 1, flow.layout)))
+        return Step(consumer=Consumer(node.name, CONV, flow.tensor, ParamSlice(node.name, 1, 1, flow.layout)))
     if group == in_channels and weight.shape[1] == 1:
         multiplier = weight.shape[0] // group
         out_layout = Layout(flow.layout.segments, flow.layout.total, flow.layout.inner * multiplier)
@@ -492,7 +493,7 @@ def _gemm(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
         return _blocked("Gemm reads channels on another axis")
     transposed = bool(ctx.attr(node, "transB", 0))
     weight = ParamSlice(node.name, 1, 1 if transposed else 0, flow.layout)
-    return Step(consumer=Consumer(node.name, "linear", flow.tensor, weight, transpose=transposed))
+    return Step(consumer=Consumer(node.name, LINEAR, flow.tensor, weight, transpose=transposed))
 
 
 @data_rule("MatMul")
@@ -504,14 +505,18 @@ def _matmul(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if rank is None or flow.axis != rank - 1:
         return _blocked("MatMul reads channels on another axis")
     weight_slice = ParamSlice(node.name, 1, 0, flow.layout)
-    return Step(consumer=Consumer(node.name, "linear", flow.tensor, weight_slice, bias_index=None))
+    return Step(consumer=Consumer(node.name, LINEAR, flow.tensor, weight_slice, bias_index=None))
 
 
 @data_rule("Resize", "Upsample")
 def _resize(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if len(node.input) > 3 and node.input[3]:
         sizes = ctx.const(node, 3)
-        if sizes is None or int(sizes[flow.axis]) != ctx.length(flow):
+        if sizes is None:
+            from onnx_thinet.channels.rules_more import resize_with_runtime_sizes
+
+            return resize_with_runtime_sizes(ctx, node, flow)
+        if int(sizes[flow.axis]) != ctx.length(flow):
             return _blocked("Resize output sizes are unknown")
         return Step(outputs=[Flow(node.output[0], flow.axis, flow.layout)],
                     shape_fixes=[ShapeFix(node.name, 3, flow.axis, flow.layout, ctx.length(flow))])
@@ -525,3 +530,6 @@ def _resize(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
 @rule("Sum", "Mean", "Where")
 def _joins(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     return Step(coupled=f"{node.op_type} joins these channels with other tensors")
+
+
+import onnx_thinet.channels.rules_more  # noqa: E402,F401  (registers the feature-pyramid rules)
