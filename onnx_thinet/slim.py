@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from onnx_thinet.calibration.collect import ConsumerStats, collect_statistics
-from onnx_thinet.channels.analysis import Analysis, analyze
+from onnx_thinet.channels.analysis import Analysis, analyze, quantization_refusal
 from onnx_thinet.channels.layout import ChannelGroup
 from onnx_thinet.check.metrics import count_params, total_flops
 from onnx_thinet.check.verify import OutputComparison, check_model, compare_outputs
@@ -194,6 +194,9 @@ def slim(
     config.validate()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
+    refusal = quantization_refusal(model)
+    if refusal is not None:
+        raise ThinetError(refusal)
     canonical = canonicalize(model, simplify=config.simplify)
     analysis = analyze(canonical, prune_coupled=config.prune_coupled)
     timings["analysis"] = time.perf_counter() - clock
@@ -343,7 +346,9 @@ def _sample_shapes(data: CalibrationData) -> dict[str, tuple[int, ...]]:
 
 
 def _nothing_prunable(analysis: Analysis) -> str:
-    reasons = [f"{c.producer} (coupled: {c.reason})" for c in analysis.coupled]
+    tied = [c for c in analysis.coupled if "graph input" in c.reason]
+    reasons = [f"{c.producer} (tied to the model's interface: {c.reason})" for c in tied]
+    reasons += [f"{c.producer} (coupled: {c.reason})" for c in analysis.coupled if c not in tied]
     reasons += [f"{s.producer} ({s.reason})" for s in analysis.skipped]
     detail = "; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "")
     return "nothing prunable in this model" + (f": {detail}" if detail else " (no Conv, Gemm or MatMul producers)")

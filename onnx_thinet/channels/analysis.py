@@ -20,7 +20,7 @@ from onnx_thinet.channels.layout import (
 from onnx_thinet.channels.rules import RULES, Flow, RuleContext, Step
 from onnx_thinet.io.graph import GraphIndex, infer_shapes
 
-__all__ = ["Analysis", "analyze", "opset_version"]
+__all__ = ["QUANTIZED_OPS", "Analysis", "analyze", "opset_version", "quantization_refusal"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,27 @@ def opset_version(model: onnx.ModelProto) -> int:
         if entry.domain in ("", "ai.onnx"):
             return entry.version
     return 1
+
+
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
+    "QLinearLeakyRelu", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
+})
+
+
+def quantization_refusal(model: onnx.ModelProto) -> str | None:
+    """Why a quantized graph is refused, or None for a float graph.
+
+    Pruning rescales float weights by least squares; quantized weights, scales and zero points
+    would have to be re-derived, so the float model is pruned first and quantized after.
+    """
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if not found:
+        return None
+    return (f"the model is quantized ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}): "
+            "onnx-thinet prunes float models; prune the float model first, then quantize the slim model")
 
 
 def analyze(model: onnx.ModelProto, prune_coupled: bool = False) -> Analysis:
@@ -285,7 +306,8 @@ def _walk(
             continue
         step = _apply_rule(ctx, node, inputs)
         if step.coupled is not None:
-            return Coupled(name, start.channels, node.name, step.coupled)
+            return Coupled(name, start.channels, node.name,
+                           _interface_tie(index, node, inputs) or step.coupled)
         if step.blocked is not None:
             return Skipped(name, node.name, f"{node.op_type}: {step.blocked}")
         if step.consumer is not None:
@@ -312,6 +334,23 @@ def _walk(
         path=tuple(path),
         producers=tuple(p.name for p in producers),
     )
+
+
+def _interface_tie(index: GraphIndex, node: onnx.NodeProto, inputs: dict[int, Flow]) -> str | None:
+    """A coupling with a tensor fed from outside (a streaming state cache): name that input."""
+    graph_inputs = {i.name for i in index.model.graph.input} - set(index.initializers)
+    for k, name in enumerate(node.input):
+        if k in inputs:
+            continue
+        for _ in range(8):  # follow single-input ops back: Identity, Cast, Slice of a cache
+            if name in graph_inputs:
+                return (f"{node.op_type} ties these channels to graph input {name!r} (its channel "
+                        "count is part of the model's interface, e.g. a streaming state cache)")
+            producer = index.producer.get(name)
+            if producer is None or not producer.input:
+                break
+            name = producer.input[0]
+    return None
 
 
 def _apply_rule(ctx: RuleContext, node: onnx.NodeProto, inputs: dict[int, Flow]) -> Step:

@@ -165,7 +165,7 @@ def canonicalize(model: onnx.ModelProto, simplify: bool = True) -> onnx.ModelPro
     onnxruntime's basic optimizer removes no-op nodes. Each step is checked against the
     input's outputs on random data and dropped if it changes them or fails.
     """
-    model = _name_nodes(_constants_to_initializers(model))
+    model = _name_nodes(_weights_without_identity(_constants_to_initializers(model)))
     if not simplify:
         return infer_shapes(model)
     for name, step in (("onnxsim", _simplify_onnxsim), ("onnxruntime", _optimize_ort_basic)):
@@ -272,6 +272,30 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
             keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
+    return model
+
+
+def _weights_without_identity(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Readers of Identity(initializer) read the initializer itself (an exporter's weight alias),
+    so a weight shared that way is seen as shared and copied before it is cut."""
+    source = {t.name for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    alias: dict[str, str] = {}
+    for node in model.graph.node:
+        if (node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input
+                and node.output[0] not in outputs):
+            origin = alias.get(node.input[0], node.input[0])
+            if origin in source:
+                alias[node.output[0]] = origin
+    if not alias:
+        return model
+    kept = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in kept:
+        for k, name in enumerate(node.input):
+            if name in alias:
+                node.input[k] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
     return model
 
 
