@@ -16,6 +16,7 @@ from tests.builders import OPSET, Net
 __all__ = [
     "constant_weight_classifier",
     "decomposed_bn_resnet",
+    "dynamic_chain",
     "feature_pyramid",
     "quantized_qdq",
     "shared_weight_pair",
@@ -145,7 +146,12 @@ def constant_weight_classifier(seed: int = 0) -> tuple[onnx.ModelProto, dict[str
     return model, dead
 
 
-def _plain_chain(seed: int) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+def dynamic_chain(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """conv1 (3→8, 3×3) → conv2 (8→6, 3×3, stride 2) → GAP → fc (6→4) at dynamic H/W."""
+    return _plain_chain(seed, ["N", 3, "H", "W"])
+
+
+def _plain_chain(seed: int, x_shape=("N", 3, 12, 12)) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     n = Net(seed)
     h = n.node("Relu", [n.conv("x", "conv1", 3, 8)], "relu1")
     h = n.node("Relu", [n.conv(h, "conv2", 8, 6, strides=[2, 2])], "relu2")
@@ -153,7 +159,7 @@ def _plain_chain(seed: int) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     n.node("Gemm", [h, n.weight("fc.w", (4, 6)), n.weight("fc.b", (4,), 0.1)], "fc", transB=1)
     _zero_inputs(n, "conv2.w", [0, 2, 3, 7])
     _zero_inputs(n, "fc.w", [1, 4, 5])
-    return n.model(["N", 3, 12, 12], "fc", ["N", 4]), {"conv1": [0, 2, 3, 7], "conv2": [1, 4, 5]}
+    return n.model(list(x_shape), "fc", ["N", 4]), {"conv1": [0, 2, 3, 7], "conv2": [1, 4, 5]}
 
 
 def shared_weight_pair(seed: int = 0, through_identity: bool = False) -> tuple[onnx.ModelProto, dict]:
