@@ -274,12 +274,19 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
             selection = _select_group(current, group, stats[group.producer], config, rng)
             if len(selection.kept) < group.channels:
                 apply_selection(current, group, selection.kept, selection.scales, selection.refits)
-                kept_outputs.update({p: selection.kept for p in group.producers})
+                kept_outputs.update({p: _kept_filters(group, selection.kept) for p in group.producers})
             results.append(_group_result(group, selection, stats[group.producer]))
         current = infer_shapes(current)
         if config.finetune_steps:
             current = _finetune_between_passes(current, canonical, config, pass_index)
     return current, results
+
+
+def _kept_filters(group: ChannelGroup, kept: np.ndarray) -> np.ndarray:
+    """The producer filters a selection keeps (a channel is `unit` filters when cut by groups)."""
+    if group.unit == 1:
+        return kept
+    return (np.asarray(kept)[:, None] * group.unit + np.arange(group.unit)[None, :]).ravel()
 
 
 def _finetune_between_passes(current, teacher, config: SlimConfig, pass_index: int):

@@ -18,6 +18,7 @@ __all__ = [
     "decomposed_bn_resnet",
     "dynamic_chain",
     "feature_pyramid",
+    "grouped_block",
     "quantized_qdq",
     "shared_weight_pair",
     "streaming_state_cache",
@@ -214,3 +215,14 @@ def streaming_state_cache(seed: int = 0) -> onnx.ModelProto:
          helper.make_tensor_value_info("state_out", TensorProto.FLOAT, ["N", 6, 2])],
         n.inits)
     return _finish(graph)
+
+
+def grouped_block(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """ResNeXt-style: conv1 (3→8) → Relu → grouped conv (group 4: 2 channels in, 2 out per
+    group) → BN → Relu → conv3 (8→4). conv1 is cut by whole groups; groups 1 and 3 are dead."""
+    n = Net(seed)
+    h = n.node("Relu", [n.conv("x", "conv1", 3, 8)], "relu1")
+    h = n.node("Relu", [n.bn(n.conv(h, "grouped", 8, 8, group=4), "bn", 8)], "relu2")
+    n.conv(h, "conv3", 8, 4)
+    _zero_inputs(n, "conv3.w", [2, 3, 6, 7])
+    return n.model(["N", 3, 8, 8], "conv3", ["N", 4, 8, 8]), {"conv1": [1, 3]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -83,6 +84,7 @@ def analyze(model: onnx.ModelProto, prune_coupled: bool = False) -> Analysis:
         if start is None:
             continue
         outcome = _walk(index, [node], [start], opset)
+        outcome = _by_whole_groups(index, node, outcome, opset)
         if isinstance(outcome, ChannelGroup):
             groups.append(outcome)
         elif isinstance(outcome, Coupled):
@@ -96,6 +98,22 @@ def analyze(model: onnx.ModelProto, prune_coupled: bool = False) -> Analysis:
 
 
 Window = tuple[int, int]  # channels [lo, hi) of a producer's output
+
+
+def _by_whole_groups(index: GraphIndex, node: onnx.NodeProto, outcome, opset: int):
+    """A Conv producer read by a grouped Conv: walked again with its filters in blocks of that
+    conv's channels per group, so whole groups are cut; the first outcome if that fails too."""
+    if not (isinstance(outcome, Skipped) and "grouped Conv" in outcome.reason and node.op_type == "Conv"):
+        return outcome
+    reader = next((n for n in index.model.graph.node if n.name == outcome.node), None)
+    weight = None if reader is None else index.const(reader.input[1])
+    start = _producer_start(index, node, unit=int(weight.shape[1])) if weight is not None else None
+    if start is None:
+        return outcome
+    again = _walk(index, [node], [start], opset)
+    if not isinstance(again, ChannelGroup):
+        return outcome
+    return dataclasses.replace(again, unit=int(weight.shape[1]))
 
 
 def _join_coupled(index: GraphIndex, coupled: list[Coupled], opset: int):
@@ -216,11 +234,12 @@ class _Start:
 
 
 def _producer_start(
-    index: GraphIndex, node: onnx.NodeProto, window: Window | None = None
+    index: GraphIndex, node: onnx.NodeProto, window: Window | None = None, unit: int = 1
 ) -> _Start | None:
     """Where a producer's channels begin, and its own weights to cut; None if not a producer.
 
-    With a `window`, only the Conv's output channels [lo, hi) belong to the group.
+    With a `window`, only the Conv's output channels [lo, hi) belong to the group; with a
+    `unit`, each channel of the group is `unit` consecutive filters of a Conv.
     """
     if node.domain not in ("", "ai.onnx") or not node.output:
         return None
@@ -229,6 +248,8 @@ def _producer_start(
         return None
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if unit > 1:
+        return _unit_start(node, weight, bias, attrs, unit)
     if node.op_type == "Conv" and attrs.get("group", 1) == 1 and weight.ndim >= 3:
         total = int(weight.shape[0])
         lo, hi = window or (0, total)
@@ -259,6 +280,18 @@ def _producer_start(
         full = Layout.full(int(weight.shape[1]))
         return _Start(Flow(node.output[0], rank - 1, full), full.total, (ParamSlice(node.name, 1, 1, full),))
     return None
+
+
+def _unit_start(node: onnx.NodeProto, weight, bias, attrs: dict, unit: int) -> _Start | None:
+    """A group=1 Conv whose filters are selected `unit` at a time."""
+    if node.op_type != "Conv" or attrs.get("group", 1) != 1 or weight.shape[0] % unit:
+        return None
+    units = int(weight.shape[0]) // unit
+    layout = Layout((Segment(0, 0, units),), units, unit)
+    slices = [ParamSlice(node.name, 1, 0, layout)]
+    if bias:
+        slices.append(ParamSlice(node.name, 2, 0, layout))
+    return _Start(Flow(node.output[0], 1, layout), units, tuple(slices))
 
 
 def _transposed_conv_start(node: onnx.NodeProto, weight, bias, window: Window | None) -> _Start:

@@ -111,12 +111,14 @@ class ParamSlice:
 
 @dataclass(frozen=True)
 class AttrUpdate:
-    """An integer attribute counting positions of an axis (a depthwise Conv's `group`)."""
+    """An integer attribute counting positions of an axis (a depthwise Conv's `group`), or
+    `per` positions each (a grouped Conv's `group`: input channels / channels per group)."""
 
     node: str
     attribute: str
     layout: Layout
     length: int
+    per: int = 1
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ class ChannelGroup:
     shape_fixes: tuple[ShapeFix, ...] = ()
     path: tuple[str, ...] = ()
     producers: tuple[str, ...] = ()  # every producer node; several when pruned jointly
+    unit: int = 1  # filters per selectable channel: a grouped Conv reader is cut by whole groups
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def apply_selection(
                       lambda a, w=weight, s=scale: _cut_consumer(a, w, kept, channels, s))
     for update in group.attr_updates:
         lost = len(removed_positions(update.layout, kept, channels, update.length))
-        _set_int_attribute(params.nodes[update.node], update.attribute, update.length - lost)
+        _set_int_attribute(params.nodes[update.node], update.attribute, (update.length - lost) // update.per)
     for fix in group.shape_fixes:
         _apply_shape_fix(params, fix, len(removed_positions(fix.layout, kept, channels, fix.length)))
     del model.graph.value_info[:]  # stale; shape inference runs again after the rewrite
