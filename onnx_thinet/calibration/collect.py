@@ -18,7 +18,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_thinet.calibration.runtime import make_session, truncated_model
-from onnx_thinet.channels.consumers import CONV_TRANSPOSE, transposed_conv_as_conv
 from onnx_thinet.channels.layout import ChannelGroup, Consumer, channel_indicator
 from onnx_thinet.io.data import CalibrationData
 from onnx_thinet.solve.solvers import FitMoments
@@ -224,40 +223,25 @@ def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight,
 
 @dataclass(frozen=True)
 class _ConvView:
-    """A windowed consumer as a plain Conv: its node attributes and how its input maps there."""
+    """A windowed consumer as the plain Conv it is sampled as (`ConsumerKind.conv_attributes`)."""
 
     node: onnx.NodeProto
-    transposed: tuple | None = None  # (kernel, strides, dilations, pads, output_padding)
+    consumer: Consumer
+    attrs: dict
 
     def input(self, x: np.ndarray) -> np.ndarray:
-        if self.transposed is None:
-            return x
-        return transposed_conv_as_conv(x, *self.transposed)[0]
+        return self.consumer.kind.conv_input(x, self.attrs)
 
     def shape(self, x_shape) -> tuple[int, ...]:
-        if self.transposed is None:
-            return tuple(x_shape)
-        strides = self.transposed[1]
-        return (*x_shape[:2], *((n - 1) * s + 1 for n, s in zip(x_shape[2:], strides)))
+        probe = np.zeros((1, 1, *x_shape[2:]), np.float32)
+        return (*x_shape[:2], *self.input(probe).shape[2:])
 
 
 def _conv_view(consumer: Consumer, node: onnx.NodeProto) -> _ConvView:
-    """A ConvTranspose read as the stride-1 conv it equals (zeros inserted, pads mirrored);
-    a Conv as itself. The working weight (`ConsumerKind.working`) is already flipped."""
-    if consumer.kind is not CONV_TRANSPOSE:
-        return _ConvView(node)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    kernel = tuple(attrs["kernel_shape"])
-    spatial = len(kernel)
-    strides = tuple(attrs.get("strides", [1] * spatial))
-    dilations = tuple(attrs.get("dilations", [1] * spatial))
-    pads = tuple(attrs.get("pads", [0] * (2 * spatial)))
-    output_padding = tuple(attrs.get("output_padding", [0] * spatial))
-    dummy = np.zeros((1, 1, *([1] * spatial)), np.float32)
-    conv_pads = transposed_conv_as_conv(dummy, kernel, strides, dilations, pads, output_padding)[1]
-    conv = helper.make_node("Conv", list(node.input), list(node.output), kernel_shape=list(kernel),
-                            dilations=list(dilations), pads=conv_pads)
-    return _ConvView(conv, (kernel, strides, dilations, pads, output_padding))
+    conv = helper.make_node("Conv", list(node.input), list(node.output),
+                            **consumer.kind.conv_attributes(attrs))
+    return _ConvView(conv, consumer, attrs)
 
 
 def _filters(values, consumer: Consumer, kept: np.ndarray | None, bias: bool = False):

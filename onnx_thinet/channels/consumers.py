@@ -52,10 +52,27 @@ class ConsumerKind:
         working = matrix.T.reshape(filters, -1, *kernel)
         return self.stored(working)
 
+    def conv_attributes(self, attrs: dict) -> dict:
+        """A windowed reader's attributes as those of the Conv it is sampled as."""
+        return attrs
+
+    def conv_input(self, x: np.ndarray, attrs: dict) -> np.ndarray:
+        """A windowed reader's input as the input of the Conv it is sampled as."""
+        return x
+
 
 @dataclass(frozen=True)
 class _TransposedConv(ConsumerKind):
     """ConvTranspose stores [C_in, F, k...]; it equals a stride-1 conv with the kernel flipped."""
+
+    def conv_attributes(self, attrs: dict) -> dict:
+        kernel = tuple(attrs["kernel_shape"])
+        dummy = np.zeros((1, 1, *([1] * len(kernel))), np.float32)
+        pads = transposed_conv_as_conv(dummy, kernel, *_transposed_geometry(attrs))[1]
+        return {"kernel_shape": list(kernel), "dilations": list(_transposed_geometry(attrs)[1]), "pads": pads}
+
+    def conv_input(self, x: np.ndarray, attrs: dict) -> np.ndarray:
+        return transposed_conv_as_conv(x, tuple(attrs["kernel_shape"]), *_transposed_geometry(attrs))[0]
 
     def working(self, stored: np.ndarray, transpose: bool = False) -> np.ndarray:
         spatial = tuple(range(2, stored.ndim))
@@ -69,6 +86,13 @@ class _TransposedConv(ConsumerKind):
 CONV = ConsumerKind("conv", windowed=True)
 LINEAR = ConsumerKind("linear", windowed=False)
 CONV_TRANSPOSE = _TransposedConv("conv_transpose", windowed=True)
+
+
+def _transposed_geometry(attrs: dict) -> tuple:
+    """(strides, dilations, pads, output_padding) of a ConvTranspose, defaults filled in."""
+    spatial = len(attrs["kernel_shape"])
+    return (tuple(attrs.get("strides", [1] * spatial)), tuple(attrs.get("dilations", [1] * spatial)),
+            tuple(attrs.get("pads", [0] * (2 * spatial))), tuple(attrs.get("output_padding", [0] * spatial)))
 
 
 def transposed_conv_as_conv(
