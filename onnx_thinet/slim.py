@@ -323,12 +323,12 @@ def _group_result(group: ChannelGroup, selection: Selection, stats) -> GroupResu
     return GroupResult(
         producer=group.producer,
         consumers=tuple(c.node for c in group.consumers),
-        channels_before=group.channels,
-        channels_after=int(len(selection.kept)),
+        channels_before=group.channels * group.unit,  # filters, also when cut by whole groups
+        channels_after=int(len(selection.kept)) * group.unit,
         error_before=float(selection.error_before),
         error_after=float(selection.error_after),
         samples=int(sum(s.samples for s in stats.values())),
-        kept=tuple(int(i) for i in selection.kept),
+        kept=tuple(int(i) for i in _kept_filters(group, selection.kept)),
     )
 
 

@@ -218,7 +218,8 @@ def test_canonicalization_probes_keep_onnxruntime_errors_off_the_screen(tmp_path
 def test_grouped_conv_reader_cuts_its_producer_by_whole_groups(reconstruct):
     model, dead = real_builders.grouped_block()
     result = slim(model, ArrayData({"x": _images(40, (8, 8))}), SlimConfig(reconstruct=reconstruct))
-    assert {g.producer: set(g.kept) for g in result.groups} == {"conv1": {0, 2}}  # groups, not filters
+    assert {g.producer: set(g.kept) for g in result.groups} == {"conv1": {0, 1, 4, 5}}  # groups 0 and 2
+    assert (result.groups[0].channels_before, result.groups[0].channels_after) == (8, 4)
     grouped = next(n for n in result.model.graph.node if n.op_type == "Conv" and n.name == "grouped")
     assert next(a.i for a in grouped.attribute if a.name == "group") == 2
     _assert_same_outputs(model, result.model, {"x": _images(3, (8, 8), seed=4)})
