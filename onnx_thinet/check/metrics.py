@@ -115,7 +115,12 @@ def _fill_runtime_shapes(model: onnx.ModelProto, index: GraphIndex, nodes, shape
                       if not _static(index.shapes.get(name)) and name not in index.initializers})
     if not missing:
         return
-    from onnx_thinet.calibration.runtime import ONNX_TO_NUMPY, graph_inputs, run_model, truncated_model
+    from onnx_thinet.calibration.runtime import (
+        ONNX_TO_NUMPY,
+        graph_inputs,
+        run_model,
+        truncated_model,
+    )
 
     try:
         feeds = {i.name: np.zeros(shapes[i.name], ONNX_TO_NUMPY.get(i.type.tensor_type.elem_type, np.float32))

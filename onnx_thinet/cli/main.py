@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from onnx_thinet.channels.analysis import analyze
 from onnx_thinet.calibration.runtime import graph_inputs
+from onnx_thinet.channels.analysis import analyze
 from onnx_thinet.check.metrics import cost_input_shapes, count_params, layer_costs
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.data import load_calibration, parse_preprocess
