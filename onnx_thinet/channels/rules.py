@@ -480,23 +480,9 @@ def _conv(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
             step.slices.append(ParamSlice(node.name, 2, 0, out_layout))
         step.attr_updates.append(AttrUpdate(node.name, "group", flow.layout, in_channels))
         return step
-    return _grouped_conv(ctx, node, flow, weight, group, in_channels)
+    from onnx_thinet.channels.rules_more import grouped_conv
 
-
-def _grouped_conv(ctx: RuleContext, node: onnx.NodeProto, flow: Flow, weight, group: int, in_channels) -> Step:
-    """A grouped Conv carries whole input groups to their output groups when every channel of
-    the group's layout spans whole input groups (the producer is then cut by groups)."""
-    per_group = int(weight.shape[1])
-    if in_channels != group * per_group or flow.layout.inner % per_group or ctx.outer(flow) != 1:
-        return _blocked(f"grouped Conv (group={group}) mixes channels within groups")
-    out_inner = flow.layout.inner // per_group * (weight.shape[0] // group)
-    out_layout = Layout(flow.layout.segments, flow.layout.total, out_inner)
-    step = Step(outputs=[Flow(node.output[0], 1, out_layout)])
-    step.slices.append(ParamSlice(node.name, 1, 0, out_layout))
-    if len(node.input) > 2 and node.input[2]:
-        step.slices.append(ParamSlice(node.name, 2, 0, out_layout))
-    step.attr_updates.append(AttrUpdate(node.name, "group", flow.layout, in_channels, per_group))
-    return step
+    return grouped_conv(ctx, node, flow, weight, group, in_channels)
 
 
 @data_rule("Gemm")

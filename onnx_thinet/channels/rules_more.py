@@ -6,6 +6,7 @@
   channel entry only sizes a Resize of that same tensor (PyTorch's interpolate(size=...)
   writes sizes = Concat(Shape(x)[0:2], hw)): after pruning the entry follows the tensor.
 - `Resize` with sizes computed at run time (called from the Resize rule).
+- grouped `Conv` (called from the Conv rule): carried along when whole groups are cut.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import numpy as np
 import onnx
 
 from onnx_thinet.channels.consumers import CONV_TRANSPOSE
-from onnx_thinet.channels.layout import Consumer, ParamSlice, ShapeFix
+from onnx_thinet.channels.layout import AttrUpdate, Consumer, Layout, ParamSlice, ShapeFix
 from onnx_thinet.channels.rules import Flow, RuleContext, Step, data_rule
 
-__all__ = ["resize_with_runtime_sizes"]
+__all__ = ["grouped_conv", "resize_with_runtime_sizes"]
 
 _PASS_SHAPE = ("Cast", "Identity")
 _MAX_DEPTH = 32
@@ -172,3 +173,19 @@ def _sizes_entry(ctx: RuleContext, tensor: str, entry: int, depth: int):
                 return _sizes_entry(ctx, piece, entry - offset, depth + 1)
             offset += size
     return None
+
+
+def grouped_conv(ctx: RuleContext, node: onnx.NodeProto, flow: Flow, weight, group: int, in_channels) -> Step:
+    """A grouped Conv carries whole input groups to their output groups when every channel of
+    the group's layout spans whole input groups (the producer is then cut by groups)."""
+    per_group = int(weight.shape[1])
+    if in_channels != group * per_group or flow.layout.inner % per_group or ctx.outer(flow) != 1:
+        return Step(blocked=f"grouped Conv (group={group}) mixes channels within groups")
+    out_inner = flow.layout.inner // per_group * (weight.shape[0] // group)
+    out_layout = Layout(flow.layout.segments, flow.layout.total, out_inner)
+    step = Step(outputs=[Flow(node.output[0], 1, out_layout)])
+    step.slices.append(ParamSlice(node.name, 1, 0, out_layout))
+    if len(node.input) > 2 and node.input[2]:
+        step.slices.append(ParamSlice(node.name, 2, 0, out_layout))
+    step.attr_updates.append(AttrUpdate(node.name, "group", flow.layout, in_channels, per_group))
+    return step
