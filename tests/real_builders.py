@@ -54,13 +54,15 @@ PYRAMID_DEAD = {"c1": [0, 3, 5, 6], "c2": [1, 2, 4, 7], "c3": [0, 1, 2, 3], "l3"
                 "deconv": [0, 1, 5], "hid_p3": [1, 4, 5, 6], "hid_p4": [1, 4, 5, 6]}
 
 
-def feature_pyramid(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+def feature_pyramid(seed: int = 0, batch: int | str = "N", merge: str = "Concat"
+                    ) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     """A two-level detector at dynamic H/W, as PyTorch exports it.
 
     backbone c1 → c2 (1/2) → c3 (1/4); laterals l3, l4; top-down: Resize(l4, sizes =
     Concat(Shape(l4)[0:2], Shape(l3)[2], Shape(l3)[3])) concatenated with l3 → smooth3;
     smooth4 on l4; a shared head (hid, cls: one weight for both levels) → scores [?,?,?];
-    a ConvTranspose decoder on p3 → seg.
+    a ConvTranspose decoder on p3 → seg. `batch=1` lets onnx-simplifier fold Shape(l4)[0:2]
+    into a constant piece of the sizes; `merge="Add"` is RetinaFace's l3 + up (coupled).
     """
     n = Net(seed)
     h = n.node("Relu", [n.conv("x", "c1", 3, 8)], "r1")
@@ -70,7 +72,10 @@ def feature_pyramid(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]
     l4 = n.conv(c4_in, "l4", 8, 6, k=1, pads=[0, 0, 0, 0])
     sizes = _shape_pieces(n, l4, l3, "up")
     up = n.node("Resize", [l4, "", "", sizes], "up", mode="nearest")
-    p3 = n.node("Relu", [n.conv(n.node("Concat", [l3, up], "merge", axis=1), "smooth3", 12, 8)], "p3")
+    if merge == "Add":
+        p3 = n.node("Relu", [n.conv(n.node("Add", [l3, up], "merge"), "smooth3", 6, 8)], "p3")
+    else:
+        p3 = n.node("Relu", [n.conv(n.node("Concat", [l3, up], "merge", axis=1), "smooth3", 12, 8)], "p3")
     p4 = n.node("Relu", [n.conv(l4, "smooth4", 6, 8)], "p4")
     n.weight("hid.w", (8, 8, 3, 3))
     n.weight("hid.b", (8,), 0.1)
@@ -88,20 +93,26 @@ def feature_pyramid(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]
     d = n.node("ConvTranspose", [p3, "deconv.w", "deconv.b"], "deconv", kernel_shape=[4, 4],
                strides=[2, 2], pads=[1, 1, 1, 1])
     n.conv(n.node("Relu", [d], "deconv_relu"), "seg", 6, 2, k=1, pads=[0, 0, 0, 0])
-    dead = PYRAMID_DEAD
+    dead = dict(PYRAMID_DEAD)
+    if merge == "Add":  # l3 + up: one joint group under --prune-coupled, the same channels dead
+        dead["l4"] = dead["l3"]
     readers = {"c1": [("c2.w", 1, 0)], "c2": [("c3.w", 1, 0), ("l3.w", 1, 0)], "c3": [("l4.w", 1, 0)],
-               "l3": [("smooth3.w", 1, 0)], "l4": [("smooth3.w", 1, 6), ("smooth4.w", 1, 0)],
+               "l3": [("smooth3.w", 1, 0)], "l4": [("smooth3.w", 1, 6 if merge == "Concat" else 0),
+                                                    ("smooth4.w", 1, 0)],
                "smooth3": [("hid.w", 1, 0), ("deconv.w", 0, 0)], "deconv": [("seg.w", 1, 0)],
                "hid_p3": [("cls.w", 1, 0)]}
     for producer, places in readers.items():
         for weight, axis, offset in places:
             _zero_inputs(n, weight, dead[producer], axis, offset)
     graph = helper.make_graph(
-        n.nodes, "pyramid", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        n.nodes, "pyramid", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, "H", "W"])],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, None, None]),
-         helper.make_tensor_value_info("seg", TensorProto.FLOAT, ["N", 2, "H2", "W2"])],
+         helper.make_tensor_value_info("seg", TensorProto.FLOAT, [batch, 2, "H2", "W2"])],
         n.inits)
-    return _finish(graph), dict(dead)
+    if merge == "Add":
+        dead["l3 + l4"] = dead.pop("l3")
+        del dead["l4"]
+    return _finish(graph), dead
 
 
 def _finish(graph: onnx.GraphProto, opset: int = OPSET) -> onnx.ModelProto:

@@ -51,15 +51,36 @@ def pyramid():
     return model, dead, result
 
 
-def test_feature_pyramid_prunes_every_conv_of_the_pyramid_exactly(pyramid):
-    """Shape→Gather→Resize(sizes) top-down path, ConvTranspose head (as producer and consumer)
-    and a head whose weights both levels share: every planted channel goes, outputs stay."""
-    model, dead, result = pyramid
+@pytest.mark.parametrize("variant", ["batch 1 (sizes piece folded)", "Add merge, --prune-coupled"])
+def test_feature_pyramid_variants_prune_every_conv_exactly(variant):
+    """onnx-simplifier folds Shape(l4)[0:2] into a constant piece of the sizes at batch 1;
+    RetinaFace merges levels with an Add, which --prune-coupled cuts jointly."""
+    if variant.startswith("batch"):
+        model, dead = real_builders.feature_pyramid(batch=1)
+        config = SlimConfig(batch_size=1)
+    else:
+        model, dead = real_builders.feature_pyramid(merge="Add")
+        config = SlimConfig(prune_coupled=True)
+    result = slim(model, ArrayData({"x": _images(40, (16, 16))}), config)
+    _assert_kept_is_the_complement(result, dead)
+    for size in (12, 20):
+        _assert_same_outputs(model, result.model, {"x": _images(1, (size, size), seed=size)})
+    assert _interface(result.model) == _interface(model)
+
+
+def _assert_kept_is_the_complement(result, dead) -> None:
     kept = {g.producer: set(g.kept) for g in result.groups}
     assert set(kept) == set(dead)
     for producer, channels in dead.items():
         assert not kept[producer] & set(channels), producer
         assert len(kept[producer]) == len(channels), producer
+
+
+def test_feature_pyramid_prunes_every_conv_of_the_pyramid_exactly(pyramid):
+    """Shape→Gather→Resize(sizes) top-down path, ConvTranspose head (as producer and consumer)
+    and a head whose weights both levels share: every planted channel goes, outputs stay."""
+    model, dead, result = pyramid
+    _assert_kept_is_the_complement(result, dead)
     for size in (12, 16, 20):  # other sizes than calibration: H and W are dynamic
         _assert_same_outputs(model, result.model, {"x": _images(2, (size, size), seed=size)})
 

@@ -369,18 +369,21 @@ def _walk(
     )
 
 
+_DATA_MOVES = {"Identity", "Cast", "Slice", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Pad"}
+
+
 def _interface_tie(index: GraphIndex, node: onnx.NodeProto, inputs: dict[int, Flow]) -> str | None:
     """A coupling with a tensor fed from outside (a streaming state cache): name that input."""
     graph_inputs = {i.name for i in index.model.graph.input} - set(index.initializers)
     for k, name in enumerate(node.input):
         if k in inputs:
             continue
-        for _ in range(8):  # follow single-input ops back: Identity, Cast, Slice of a cache
+        for _ in range(8):  # follow ops that only move data back: Identity, Cast, Slice of a cache
             if name in graph_inputs:
                 return (f"{node.op_type} ties these channels to graph input {name!r} (its channel "
                         "count is part of the model's interface, e.g. a streaming state cache)")
             producer = index.producer.get(name)
-            if producer is None or not producer.input:
+            if producer is None or producer.op_type not in _DATA_MOVES:
                 break
             name = producer.input[0]
     return None

@@ -86,13 +86,13 @@ def _entry_use_at(ctx, user: onnx.NodeProto, k: int, entry: int, source: str, ax
     if op in _PASS_SHAPE:
         return _entry_use(ctx, user.output[0], entry, source, axis, depth + 1)
     if op == "Gather" and k == 0:
-        picked = _picked(ctx, user, "Gather", ctx.index.dim(user.input[0], 0))
+        picked = _picked(ctx, user, "Gather", _length(ctx, user.input[0]))
     elif op == "Slice" and k == 0:
-        picked = _picked(ctx, user, "Slice", ctx.index.dim(user.input[0], 0))
+        picked = _picked(ctx, user, "Slice", _length(ctx, user.input[0]))
     elif op == "Concat" and ctx.attr(user, "axis", 0) == 0:
         offset = 0
         for piece in user.input[:k]:
-            size = ctx.index.dim(piece, 0)
+            size = _length(ctx, piece)
             if size is None:
                 return "the channel count read by Shape is concatenated after pieces of unknown size"
             offset += size
@@ -106,6 +106,12 @@ def _entry_use_at(ctx, user: onnx.NodeProto, k: int, entry: int, source: str, ax
     if op == "Gather" and np.ndim(ctx.const(user, 1)) == 0:
         return "the channel count read by Shape is used as a scalar"
     return _entry_use(ctx, user.output[0], picked.index(entry), source, axis, depth + 1)
+
+
+def _length(ctx: RuleContext, name: str) -> int | None:
+    """Entries of a 1-D shape tensor, from its inferred shape or its constant value."""
+    value = ctx.index.const(name)
+    return int(np.size(value)) if value is not None else ctx.index.dim(name, 0)
 
 
 def _picked(ctx: RuleContext, node: onnx.NodeProto, op: str, length: int | None) -> list[int] | None:
@@ -157,14 +163,14 @@ def _sizes_entry(ctx: RuleContext, tensor: str, entry: int, depth: int):
         start = ctx.attr(node, "start", 0)
         return None if rank is None else ("shape", (node.input[0], (start % rank) + entry))
     if node.op_type in ("Gather", "Slice"):
-        picked = _picked(ctx, node, node.op_type, ctx.index.dim(node.input[0], 0))
+        picked = _picked(ctx, node, node.op_type, _length(ctx, node.input[0]))
         if picked is None or entry >= len(picked):
             return None
         return _sizes_entry(ctx, node.input[0], picked[entry], depth + 1)
     if node.op_type == "Concat":
         offset = 0
         for k, piece in enumerate(node.input):
-            size = ctx.index.dim(piece, 0)
+            size = _length(ctx, piece)
             if size is None:
                 return None
             if offset <= entry < offset + size:
