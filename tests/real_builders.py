@@ -19,6 +19,7 @@ __all__ = [
     "dynamic_chain",
     "feature_pyramid",
     "grouped_block",
+    "upsampling_decoder",
     "quantized_qdq",
     "shared_weight_pair",
     "streaming_state_cache",
@@ -237,3 +238,18 @@ def grouped_block(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]
     n.conv(h, "conv3", 8, 4)
     _zero_inputs(n, "conv3.w", [2, 3, 6, 7])
     return n.model(["N", 3, 8, 8], "conv3", ["N", 4, 8, 8]), {"conv1": [1, 3]}
+
+
+def upsampling_decoder(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """A segmentation decoder: conv1 (3→8, stride 2) → Relu → per-channel ConvTranspose
+    (group 8, bilinear ×2 upsampling, bias) → conv2 (8→3)."""
+    n = Net(seed)
+    h = n.node("Relu", [n.conv("x", "conv1", 3, 8, strides=[2, 2])], "relu1")
+    bilinear = np.outer([0.25, 0.75, 0.75, 0.25], [0.25, 0.75, 0.75, 0.25]).astype(np.float32)
+    n.const("up.w", np.tile(bilinear, (8, 1, 1, 1)))
+    n.weight("up.b", (8,), 0.1)
+    up = n.node("ConvTranspose", [h, "up.w", "up.b"], "up", group=8, kernel_shape=[4, 4],
+                strides=[2, 2], pads=[1, 1, 1, 1])
+    n.conv(up, "conv2", 8, 3)
+    _zero_inputs(n, "conv2.w", [0, 3, 4, 6])
+    return n.model(["N", 3, 8, 8], "conv2", ["N", 3, 8, 8]), {"conv1": [0, 3, 4, 6]}

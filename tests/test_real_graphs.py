@@ -245,3 +245,12 @@ def test_grouped_conv_reader_cuts_its_producer_by_whole_groups(reconstruct):
     assert next(a.i for a in grouped.attribute if a.name == "group") == 2
     _assert_same_outputs(model, result.model, {"x": _images(3, (8, 8), seed=4)})
     assert result.flops_after < result.flops_before
+
+
+def test_per_channel_transposed_conv_upsampling_is_carried_along():
+    model, dead = real_builders.upsampling_decoder()
+    result = slim(model, ArrayData({"x": _images(40, (8, 8))}), SlimConfig())
+    _assert_kept_is_the_complement(result, dead)
+    up = next(n for n in result.model.graph.node if n.op_type == "ConvTranspose")
+    assert next(a.i for a in up.attribute if a.name == "group") == 4
+    _assert_same_outputs(model, result.model, {"x": _images(3, (8, 8), seed=2)})

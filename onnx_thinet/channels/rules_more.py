@@ -31,7 +31,10 @@ def _conv_transpose(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
         return Step(blocked="ConvTranspose weight is not a constant initializer")
     if flow.axis != 1 or ctx.outer(flow) != 1:
         return Step(blocked="ConvTranspose reads channels on another axis")
-    if ctx.attr(node, "group", 1) != 1:
+    group = ctx.attr(node, "group", 1)
+    if group != 1 and group == ctx.length(flow):
+        return _depthwise_transposed(node, flow, weight, group)
+    if group != 1:
         return Step(blocked="grouped ConvTranspose mixes channels within groups")
     if weight.ndim not in (3, 4):
         return Step(blocked=f"{weight.ndim - 2}-D ConvTranspose consumers are not supported")
@@ -48,6 +51,19 @@ def _conv_transpose(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
         return Step(blocked="ConvTranspose pads exceed its kernel reach")
     cut = ParamSlice(node.name, 1, 0, flow.layout)
     return Step(consumer=Consumer(node.name, CONV_TRANSPOSE, flow.tensor, cut))
+
+
+def _depthwise_transposed(node: onnx.NodeProto, flow: Flow, weight, group: int) -> Step:
+    """A per-channel ConvTranspose (bilinear upsampling in segmentation decoders) carries the
+    channels along: its weight [C, m, k...] loses rows, its outputs come m per channel."""
+    multiplier = int(weight.shape[1])
+    out_layout = Layout(flow.layout.segments, flow.layout.total, flow.layout.inner * multiplier)
+    step = Step(outputs=[Flow(node.output[0], 1, out_layout)])
+    step.slices.append(ParamSlice(node.name, 1, 0, flow.layout))
+    if len(node.input) > 2 and node.input[2]:
+        step.slices.append(ParamSlice(node.name, 2, 0, out_layout))
+    step.attr_updates.append(AttrUpdate(node.name, "group", flow.layout, group))
+    return step
 
 
 @data_rule("Shape")
