@@ -254,3 +254,18 @@ def test_per_channel_transposed_conv_upsampling_is_carried_along():
     up = next(n for n in result.model.graph.node if n.op_type == "ConvTranspose")
     assert next(a.i for a in up.attribute if a.name == "group") == 4
     _assert_same_outputs(model, result.model, {"x": _images(3, (8, 8), seed=2)})
+
+
+@pytest.mark.parametrize("start, prunable", [(2, True), (-2, True), (1, False), (0, False)])
+def test_shape_with_start_reads_the_channel_count_only_when_its_range_covers_it(start, prunable):
+    """Shape(start=...) (opset 15) whose entries leave the graph: safe only without the channels."""
+    n = Net(0)
+    h = n.node("Relu", [n.conv("x", "conv1", 3, 8)], "relu1")
+    n.conv(h, "conv2", 8, 4)
+    n.nodes.append(helper.make_node("Shape", [h], ["dims"], name="dims", start=start))
+    graph = helper.make_graph(n.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("conv2", TensorProto.FLOAT, [1, 4, 8, 8]),
+                               helper.make_tensor_value_info("dims", TensorProto.INT64, [None])], n.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    analysis = analyze(canonicalize(model, simplify=False))
+    assert ("conv1" in {g.producer for g in analysis.groups}) == prunable

@@ -71,13 +71,16 @@ def _shape(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     rank = ctx.index.rank(flow.tensor)
     if rank is None:
         return Step(blocked="Shape of a tensor of unknown rank")
-    start = ctx.attr(node, "start", 0) % rank if ctx.attr(node, "start", 0) >= -rank else 0
-    end = ctx.attr(node, "end", rank)
-    end = min(end % rank if end < 0 else end, rank)
+    start, end = (_clamped(ctx.attr(node, key, default), rank) for key, default in (("start", 0), ("end", rank)))
     if not start <= flow.axis < end:
         return Step()
     problem = _entry_use(ctx, node.output[0], flow.axis - start, node.input[0], flow.axis, 0)
     return Step() if problem is None else Step(blocked=problem)
+
+
+def _clamped(position: int, rank: int) -> int:
+    """Shape's start/end: negative counts from the back, then clamped to [0, rank]."""
+    return min(max(position + rank if position < 0 else position, 0), rank)
 
 
 def _entry_use(ctx: RuleContext, tensor: str, entry: int, source: str, axis: int, depth: int) -> str | None:
@@ -96,7 +99,7 @@ def _entry_use(ctx: RuleContext, tensor: str, entry: int, source: str, axis: int
 
 def _entry_use_at(ctx, user: onnx.NodeProto, k: int, entry: int, source: str, axis: int, depth: int):
     op = user.op_type
-    if op in ("Resize", "Upsample") and k == len(user.input) - 1 and k == 3:
+    if op == "Resize" and k == 3:  # the sizes input
         same = user.input[0] == source and entry == axis
         return None if same else "the channel count read by Shape sizes a Resize of another tensor"
     if op in _PASS_SHAPE:
