@@ -143,3 +143,9 @@ def test_depthwise_group_and_shape_constants_lose_the_removed_positions():
     split = next(nd for nd in model.graph.node if nd.name == "split")
     assert list(next(a.ints for a in split.attribute if a.name == "split")) == [4, 2]
     np.testing.assert_array_equal(initializer_array(model, "target"), [1, 4, -1])
+
+
+def test_consumer_kinds_equal_their_names_for_code_that_still_compares_strings():
+    assert CONV == "conv" and LINEAR == "linear" and CONV_TRANSPOSE == "conv_transpose"
+    assert CONV_TRANSPOSE != "conv" and CONV != CONV_TRANSPOSE
+    assert CONV_TRANSPOSE.windowed and CONV_TRANSPOSE.channel_axis(4) == 1 and LINEAR.channel_axis(3) == 2

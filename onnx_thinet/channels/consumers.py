@@ -21,12 +21,24 @@ import numpy as np
 __all__ = ["CONV", "CONV_TRANSPOSE", "LINEAR", "ConsumerKind", "transposed_conv_as_conv"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConsumerKind:
-    """A reader family; `windowed` readers are sampled by input windows, the others by rows."""
+    """A reader family; `windowed` readers are sampled by input windows, the others by rows.
+
+    A kind equals its name (`kind == "conv"`), so code written against the old string field
+    keeps working while it moves to the methods below.
+    """
 
     name: str
     windowed: bool
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return self.name == other
+        return isinstance(other, ConsumerKind) and (self.name, self.windowed) == (other.name, other.windowed)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
 
     def channel_axis(self, ndim: int) -> int:
         return 1 if self.windowed else ndim - 1
@@ -61,7 +73,7 @@ class ConsumerKind:
         return x
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _TransposedConv(ConsumerKind):
     """ConvTranspose stores [C_in, F, k...]; it equals a stride-1 conv with the kernel flipped."""
 
