@@ -206,9 +206,18 @@ def test_a_weight_shared_by_two_convs_is_copied_before_either_is_cut(through_ide
     assert weights["a"] != weights["b"]
 
 
-def test_quantized_model_is_refused_with_its_reason():
+def test_quantized_model_is_refused_with_its_reason(tmp_path):
     with pytest.raises(ThinetError, match="quantized .*prune the float model first"):
         slim(real_builders.quantized_qdq(), ArrayData({"x": _images(8, (8, 8))}), SlimConfig())
+    onnx.save(real_builders.quantized_qdq(), tmp_path / "q.onnx")
+    np.save(tmp_path / "c.npy", _images(8, (8, 8)))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["slim", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "c.npy")])
+    assert refused.exit_code == 2
+    assert refused.output.startswith("error: the model is quantized (DequantizeLinear, QuantizeLinear)")
+    assert not (tmp_path / "q.slim.onnx").exists()
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "q.onnx"), "--json"])
+    assert "prune the float model first" in json.loads(shown.output)["refusal"]
 
 
 def test_state_cache_refusal_names_the_tensor_that_ties_the_channels():

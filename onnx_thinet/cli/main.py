@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from onnx_thinet.calibration.runtime import graph_inputs
-from onnx_thinet.channels.analysis import analyze
+from onnx_thinet.channels.analysis import analyze, quantization_refusal
 from onnx_thinet.check.metrics import cost_input_shapes, count_params, layer_costs
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.data import load_calibration, parse_preprocess
@@ -209,6 +209,7 @@ def inspect_command(
         "coupled": [{"producer": c.producer, "channels": c.channels, "node": c.node, "reason": c.reason}
                     for c in analysis.coupled],
         "skipped": [{"producer": s.producer, "node": s.node, "reason": s.reason} for s in analysis.skipped],
+        "refusal": quantization_refusal(original),
     }
     if as_json:
         out.print_json(json.dumps(info))
@@ -278,6 +279,8 @@ def _print_inspect(info: dict) -> None:
         kept.add_row(s["producer"], s["reason"], s["node"])
     out.print(kept)
     out.print(f"total: {info['params']:,} params, {_size_text(info)}", highlight=False)
+    if info["refusal"]:
+        out.print(f"slim refuses this model: {info['refusal']}", highlight=False, markup=False)
 
 
 def _register_optional_commands() -> None:
