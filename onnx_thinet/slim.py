@@ -12,7 +12,7 @@ import onnx
 
 from onnx_thinet.calibration.collect import ConsumerStats, collect_statistics
 from onnx_thinet.channels.analysis import Analysis, analyze, quantization_refusal
-from onnx_thinet.channels.layout import ChannelGroup
+from onnx_thinet.channels.layout import ChannelGroup, Segment, channel_indicator
 from onnx_thinet.check.metrics import count_params, total_flops
 from onnx_thinet.check.verify import OutputComparison, check_model, compare_outputs
 from onnx_thinet.errors import ThinetError
@@ -272,21 +272,28 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
         )
         for group in wave:
             selection = _select_group(current, group, stats[group.producer], config, rng)
+            filters = _kept_filters(current, group, selection.kept)  # read before the cut
             if len(selection.kept) < group.channels:
                 apply_selection(current, group, selection.kept, selection.scales, selection.refits)
-                kept_outputs.update({p: _kept_filters(group, selection.kept) for p in group.producers})
-            results.append(_group_result(group, selection, stats[group.producer]))
+                kept_outputs.update({p: filters[1] for p in group.producers})
+            results.append(_group_result(group, selection, stats[group.producer], filters))
         current = infer_shapes(current)
         if config.finetune_steps:
             current = _finetune_between_passes(current, canonical, config, pass_index)
     return current, results
 
 
-def _kept_filters(group: ChannelGroup, kept: np.ndarray) -> np.ndarray:
-    """The producer filters a selection keeps (a channel is `unit` filters when cut by groups)."""
-    if group.unit == 1:
-        return kept
-    return (np.asarray(kept)[:, None] * group.unit + np.arange(group.unit)[None, :]).ravel()
+def _kept_filters(model: onnx.ModelProto, group: ChannelGroup, kept: np.ndarray) -> tuple[int, np.ndarray]:
+    """The producer's filter count and the filters a selection keeps. A channel of the group is
+    several filters when a grouped conv reader cuts by whole groups, or one filter of every
+    group of a grouped conv producer; a window of a joint group stays in group channels."""
+    item = next(s for s in group.slices if s.node == group.producers[0] and s.input_index == 1)
+    layout = item.layout
+    if layout.segments != (Segment(0, 0, layout.total),):
+        return group.channels, np.asarray(kept)
+    node = next(n for n in model.graph.node if n.name == item.node)
+    length = int(initializer_array(model, node.input[1]).shape[item.axis])
+    return length, np.sort(layout.positions(np.asarray(kept), length)[0])
 
 
 def _finetune_between_passes(current, teacher, config: SlimConfig, pass_index: int):
@@ -314,21 +321,24 @@ def _filter_l1(model: onnx.ModelProto, group: ChannelGroup) -> np.ndarray:
     total = np.zeros(group.channels)
     for item in group.slices:
         if item.node in group.producers and item.input_index == 1:
-            weight = initializer_array(model, nodes[item.node].input[1])
-            total += np.abs(np.moveaxis(weight, item.axis, 0)).reshape(group.channels, -1).sum(axis=1)
+            weight = np.moveaxis(initializer_array(model, nodes[item.node].input[1]), item.axis, 0)
+            per_filter = np.abs(weight).reshape(len(weight), -1).sum(axis=1)
+            total += per_filter @ channel_indicator(item.layout, group.channels, len(weight))
     return total
 
 
-def _group_result(group: ChannelGroup, selection: Selection, stats) -> GroupResult:
+def _group_result(group: ChannelGroup, selection: Selection, stats, filters) -> GroupResult:
+    """`filters`: the producer's filter count and kept filters (see `_kept_filters`)."""
+    before, kept = filters
     return GroupResult(
         producer=group.producer,
         consumers=tuple(c.node for c in group.consumers),
-        channels_before=group.channels * group.unit,  # filters, also when cut by whole groups
-        channels_after=int(len(selection.kept)) * group.unit,
+        channels_before=int(before),
+        channels_after=int(len(kept)),
         error_before=float(selection.error_before),
         error_after=float(selection.error_after),
         samples=int(sum(s.samples for s in stats.values())),
-        kept=tuple(int(i) for i in _kept_filters(group, selection.kept)),
+        kept=tuple(int(i) for i in kept),
     )
 
 

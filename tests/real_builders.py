@@ -19,6 +19,7 @@ __all__ = [
     "dynamic_chain",
     "feature_pyramid",
     "grouped_block",
+    "grouped_producer",
     "upsampling_decoder",
     "quantized_qdq",
     "shared_weight_pair",
@@ -253,3 +254,13 @@ def upsampling_decoder(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[i
     n.conv(up, "conv2", 8, 3)
     _zero_inputs(n, "conv2.w", [0, 3, 4, 6])
     return n.model(["N", 3, 8, 8], "conv2", ["N", 3, 8, 8]), {"conv1": [0, 3, 4, 6]}
+
+
+def grouped_producer(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """x (8 channels) → grouped conv G (group 2, 4 filters per group) → BN → Relu → conv_c:
+    G's filter 1 and 2 of every group (positions 1, 2, 5, 6) are dead in conv_c."""
+    n = Net(seed)
+    h = n.node("Relu", [n.bn(n.conv("x", "G", 8, 8, group=2), "bn", 8)], "relu")
+    n.conv(h, "conv_c", 8, 4)
+    _zero_inputs(n, "conv_c.w", [1, 2, 5, 6])
+    return n.model(["N", 8, 8, 8], "conv_c", ["N", 4, 8, 8]), {"G": [1, 2, 5, 6]}

@@ -21,6 +21,7 @@ from onnx_thinet.cli.main import app
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.data import ArrayData
 from onnx_thinet.io.graph import canonicalize
+from onnx_thinet.rewrite.surgery import initializer_array
 from tests import real_builders
 from tests.builders import Net
 
@@ -247,7 +248,8 @@ def test_canonicalization_probes_keep_onnxruntime_errors_off_the_screen(tmp_path
 @pytest.mark.parametrize("reconstruct", ["full", "scale"])
 def test_grouped_conv_reader_cuts_its_producer_by_whole_groups(reconstruct):
     model, dead = real_builders.grouped_block()
-    result = slim(model, ArrayData({"x": _images(40, (8, 8))}), SlimConfig(reconstruct=reconstruct))
+    config = SlimConfig(reconstruct=reconstruct, only=("conv1",))  # the grouped conv is a producer too
+    result = slim(model, ArrayData({"x": _images(40, (8, 8))}), config)
     assert {g.producer: set(g.kept) for g in result.groups} == {"conv1": {0, 1, 4, 5}}  # groups 0 and 2
     assert (result.groups[0].channels_before, result.groups[0].channels_after) == (8, 4)
     grouped = next(n for n in result.model.graph.node if n.op_type == "Conv" and n.name == "grouped")
@@ -295,3 +297,17 @@ def test_layers_whose_shapes_inference_cannot_derive_are_measured_by_running_the
     assert result.exit_code == 0, result.output
     flops = {layer["node"]: layer["flops"] for layer in json.loads(result.output)["layers"]}
     assert flops == {"conv1": _conv_flops(8, 16, 20, 3, 3), "conv2": _conv_flops(4, 16, 20, 8, 3)}
+
+
+@pytest.mark.parametrize("method", ["thinet", "l1"])
+def test_grouped_conv_producer_loses_the_same_filters_in_every_group(method):
+    model, dead = real_builders.grouped_producer()
+    result = slim(model, ArrayData({"x": _images(40, (8, 8), channels=8)}), SlimConfig(method=method))
+    group = result.groups[0]
+    assert (group.producer, group.channels_before, group.channels_after) == ("G", 8, 4)
+    if method == "thinet":
+        assert set(group.kept) == {0, 3, 4, 7}
+        _assert_same_outputs(model, result.model, {"x": _images(3, (8, 8), seed=6, channels=8)})
+    conv = next(n for n in result.model.graph.node if n.name == "G")
+    assert next(a.i for a in conv.attribute if a.name == "group") == 2
+    assert initializer_array(result.model, conv.input[1]).shape == (4, 4, 3, 3)

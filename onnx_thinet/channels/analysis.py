@@ -250,6 +250,8 @@ def _producer_start(
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if unit > 1:
         return _unit_start(node, weight, bias, attrs, unit)
+    if node.op_type == "Conv" and attrs.get("group", 1) > 1 and weight.ndim >= 3:
+        return _grouped_start(node, weight, bias, int(attrs["group"]), window)
     if node.op_type == "Conv" and attrs.get("group", 1) == 1 and weight.ndim >= 3:
         total = int(weight.shape[0])
         lo, hi = window or (0, total)
@@ -292,6 +294,19 @@ def _unit_start(node: onnx.NodeProto, weight, bias, attrs: dict, unit: int) -> _
     if bias:
         slices.append(ParamSlice(node.name, 2, 0, layout))
     return _Start(Flow(node.output[0], 1, layout), units, tuple(slices))
+
+
+def _grouped_start(node: onnx.NodeProto, weight, bias, group: int, window: Window | None) -> _Start | None:
+    """A grouped Conv's filters as `group` blocks of F/group: channel j is filter j of every
+    group, so each group loses the same filters and keeps its structure."""
+    per_group = int(weight.shape[0]) // group
+    if per_group < 2 or (window is not None and window != (0, per_group)):
+        return None
+    layout = Layout.full(per_group)
+    slices = [ParamSlice(node.name, 1, 0, layout)]
+    if bias:
+        slices.append(ParamSlice(node.name, 2, 0, layout))
+    return _Start(Flow(node.output[0], 1, layout), per_group, tuple(slices))
 
 
 def _transposed_conv_start(node: onnx.NodeProto, weight, bias, window: Window | None) -> _Start:

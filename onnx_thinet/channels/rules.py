@@ -193,7 +193,7 @@ def _per_channel_constant(ctx: RuleContext, node: onnx.NodeProto, flow: Flow, ot
 
 @data_rule("BatchNormalization", "InstanceNormalization")
 def _batchnorm(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
-    if flow.axis != 1 or ctx.outer(flow) != 1:
+    if flow.axis != 1 or ctx.outer(flow) is None:
         return _blocked(f"{node.op_type} normalizes another axis than the channels")
     if len(node.output) > 1 and any(ctx.index.uses.get(o) for o in node.output[1:] if o):
         return _blocked("BatchNormalization training outputs are used")
@@ -463,7 +463,7 @@ def _conv(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     weight = ctx.const(node, 1)
     if weight is None:
         return _blocked("Conv weight is not a constant initializer")
-    if flow.axis != 1 or ctx.outer(flow) != 1:
+    if flow.axis != 1 or ctx.outer(flow) is None:
         return _blocked("Conv reads channels on another axis")
     group = ctx.attr(node, "group", 1)
     in_channels = ctx.length(flow) or weight.shape[1] * group
@@ -471,7 +471,7 @@ def _conv(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
         if weight.ndim not in (3, 4):
             return _blocked(f"{weight.ndim - 2}-D Conv consumers are not supported")
         return Step(consumer=Consumer(node.name, CONV, flow.tensor, ParamSlice(node.name, 1, 1, flow.layout)))
-    if group == in_channels and weight.shape[1] == 1:
+    if group == in_channels and weight.shape[1] == 1 and ctx.outer(flow) == 1:
         multiplier = weight.shape[0] // group
         out_layout = Layout(flow.layout.segments, flow.layout.total, flow.layout.inner * multiplier)
         step = Step(outputs=[Flow(node.output[0], 1, out_layout)])
