@@ -149,3 +149,4 @@ def test_consumer_kinds_equal_their_names_for_code_that_still_compares_strings()
     assert CONV == "conv" and LINEAR == "linear" and CONV_TRANSPOSE == "conv_transpose"
     assert CONV_TRANSPOSE != "conv" and CONV != CONV_TRANSPOSE
     assert CONV_TRANSPOSE.windowed and CONV_TRANSPOSE.channel_axis(4) == 1 and LINEAR.channel_axis(3) == 2
+    assert Consumer("c", "conv_transpose", "x", ParamSlice("c", 1, 0, FULL8)).kind is CONV_TRANSPOSE

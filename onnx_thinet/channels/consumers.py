@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CONV", "CONV_TRANSPOSE", "LINEAR", "ConsumerKind", "transposed_conv_as_conv"]
+__all__ = ["CONV", "CONV_TRANSPOSE", "LINEAR", "ConsumerKind", "consumer_kind", "transposed_conv_as_conv"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,6 +98,14 @@ class _TransposedConv(ConsumerKind):
 CONV = ConsumerKind("conv", windowed=True)
 LINEAR = ConsumerKind("linear", windowed=False)
 CONV_TRANSPOSE = _TransposedConv("conv_transpose", windowed=True)
+
+
+def consumer_kind(name: str) -> ConsumerKind:
+    """The kind of a name ("conv", "conv_transpose", "linear")."""
+    kinds = {k.name: k for k in (CONV, CONV_TRANSPOSE, LINEAR)}
+    if name not in kinds:
+        raise ValueError(f"unknown consumer kind {name!r} (known: {', '.join(kinds)})")
+    return kinds[name]
 
 
 def _transposed_geometry(attrs: dict) -> tuple:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_thinet.channels.consumers import ConsumerKind
+from onnx_thinet.channels.consumers import ConsumerKind, consumer_kind
 
 __all__ = [
     "AttrUpdate",
@@ -151,6 +151,10 @@ class Consumer:
     weight: ParamSlice
     transpose: bool = False
     bias_index: int | None = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kind, str):  # a rule written against the old string field
+            object.__setattr__(self, "kind", consumer_kind(self.kind))
 
 
 @dataclass(frozen=True)
