@@ -49,6 +49,7 @@ class SlimConfig:
     only: tuple[str, ...] | None = None  # prune just these producers (the others are kept)
     finetune_data: str | None = None  # layer-by-layer schedule: fine-tune after each pass
     finetune_steps: int = 0
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] | None = None  # FLOPs at this size, not the calibration's
 
     def validate(self) -> None:
         if not 0.0 < self.keep_ratio <= 1.0:
@@ -212,7 +213,7 @@ def slim(
     current = _finalize(current, model)
     check_model(current)
     comparison = compare_outputs(model, current, data, held, config.batch_size, config.device)
-    shapes = _sample_shapes(data)
+    shapes = dict(config.input_shapes) if config.input_shapes else _sample_shapes(data)
     timings["verification"] = time.perf_counter() - clock
     return SlimResult(
         model=current,

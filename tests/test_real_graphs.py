@@ -194,6 +194,14 @@ def test_inspect_counts_dynamic_sizes_only_at_a_stated_input_shape(tmp_path):
     assert "--input-shape" in unstated.output and "FLOPs unknown" in unstated.output
     bad = runner.invoke(app, ["inspect", str(tmp_path / "m.onnx"), "--input-shape", "y=1,3,8,8"])
     assert bad.exit_code == 2 and bad.output.startswith("error:")
+    np.save(tmp_path / "c.npy", _images(24, (12, 12)))
+    slimmed = runner.invoke(app, ["slim", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npy"), "-q",
+                                  "--report", str(tmp_path / "r.json"), "--input-shape", "x=1,3,640,640"])
+    assert slimmed.exit_code == 0, slimmed.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["flops_input_shapes"] == {"x": [1, 3, 640, 640]}
+    assert report["flops_before"] == info["flops"]
+    assert report["flops_after"] == _conv_flops(4, 640, 640, 3, 3) + _conv_flops(3, 320, 320, 4, 3) + 2 * 4 * 3
 
 
 @pytest.mark.parametrize("through_identity", [False, True])

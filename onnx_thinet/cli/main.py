@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -82,6 +83,7 @@ def slim_command(
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Prune only this producer (repeatable; names as `inspect` shows them).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Count FLOPs at this input size: NAME=1,3,640,640 (repeatable) [default: a calibration sample's].")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what canonicalization and analysis tried.")] = False,
 ) -> None:
     """Prune filters with ThiNet and write a thinner, verified ONNX model."""
@@ -99,6 +101,9 @@ def slim_command(
     if report is not None:
         _check_output(model, report, force)
     original = load_model(model)
+    if input_shape:
+        shapes = _parse_input_shapes(input_shape, original)
+        config = dataclasses.replace(config, input_shapes=tuple(shapes.items()))
     data = load_calibration(calib, original, parse_preprocess(preprocess))
     result = _run_with_progress(original, data, config, quiet)
     size_after = save_model_atomic(result.model, output)
