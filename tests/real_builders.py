@@ -79,17 +79,7 @@ def feature_pyramid(seed: int = 0, batch: int | str = "N", merge: str = "Concat"
     else:
         p3 = n.node("Relu", [n.conv(n.node("Concat", [l3, up], "merge", axis=1), "smooth3", 12, 8)], "p3")
     p4 = n.node("Relu", [n.conv(l4, "smooth4", 6, 8)], "p4")
-    n.weight("hid.w", (8, 8, 3, 3))
-    n.weight("hid.b", (8,), 0.1)
-    n.weight("cls.w", (3, 8, 1, 1))
-    n.weight("cls.b", (3,), 0.1)
-    flats = []
-    for level, p in (("p3", p3), ("p4", p4)):
-        hid = n.node("Conv", [p, "hid.w", "hid.b"], f"hid_{level}", kernel_shape=[3, 3], pads=[1] * 4)
-        hid = n.node("Relu", [hid], f"hid_{level}_relu")
-        cls = n.node("Conv", [hid, "cls.w", "cls.b"], f"cls_{level}", kernel_shape=[1, 1])
-        flats.append(_flat_scores(n, cls, f"cls_{level}", 3))
-    n.node("Concat", flats, "scores", axis=1)
+    _shared_head(n, {"p3": p3, "p4": p4})
     n.weight("deconv.w", (8, 6, 4, 4))
     n.weight("deconv.b", (6,), 0.1)
     d = n.node("ConvTranspose", [p3, "deconv.w", "deconv.b"], "deconv", kernel_shape=[4, 4],
@@ -115,6 +105,21 @@ def feature_pyramid(seed: int = 0, batch: int | str = "N", merge: str = "Concat"
         dead["l3 + l4"] = dead.pop("l3")
         del dead["l4"]
     return _finish(graph), dead
+
+
+def _shared_head(n: Net, levels: dict[str, str]) -> None:
+    """RetinaNet-style head: one hid (3×3) and one cls (1×1) weight for every level → scores."""
+    n.weight("hid.w", (8, 8, 3, 3))
+    n.weight("hid.b", (8,), 0.1)
+    n.weight("cls.w", (3, 8, 1, 1))
+    n.weight("cls.b", (3,), 0.1)
+    flats = []
+    for level, p in levels.items():
+        hid = n.node("Conv", [p, "hid.w", "hid.b"], f"hid_{level}", kernel_shape=[3, 3], pads=[1] * 4)
+        hid = n.node("Relu", [hid], f"hid_{level}_relu")
+        cls = n.node("Conv", [hid, "cls.w", "cls.b"], f"cls_{level}", kernel_shape=[1, 1])
+        flats.append(_flat_scores(n, cls, f"cls_{level}", 3))
+    n.node("Concat", flats, "scores", axis=1)
 
 
 def _finish(graph: onnx.GraphProto, opset: int = OPSET) -> onnx.ModelProto:

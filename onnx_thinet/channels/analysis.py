@@ -252,16 +252,8 @@ def _producer_start(
         return _unit_start(node, weight, bias, attrs, unit)
     if node.op_type == "Conv" and attrs.get("group", 1) > 1 and weight.ndim >= 3:
         return _grouped_start(node, weight, bias, int(attrs["group"]), window)
-    if node.op_type == "Conv" and attrs.get("group", 1) == 1 and weight.ndim >= 3:
-        total = int(weight.shape[0])
-        lo, hi = window or (0, total)
-        layout = Layout((Segment(lo, 0, hi - lo),), total)
-        slices = [ParamSlice(node.name, 1, 0, layout)]
-        if bias:
-            slices.append(ParamSlice(node.name, 2, 0, layout))
-        return _Start(Flow(node.output[0], 1, layout), hi - lo, tuple(slices))
-    if node.op_type == "ConvTranspose" and attrs.get("group", 1) == 1 and weight.ndim >= 3:
-        return _transposed_conv_start(node, weight, bias, window)
+    if node.op_type in ("Conv", "ConvTranspose") and attrs.get("group", 1) == 1 and weight.ndim >= 3:
+        return _filters_start(node, weight, bias, window, axis=0 if node.op_type == "Conv" else 1)
     if window is not None and window != (0, _out_channels(node, weight, attrs)):
         return None
     if node.op_type == "Gemm" and weight.ndim == 2:
@@ -309,12 +301,13 @@ def _grouped_start(node: onnx.NodeProto, weight, bias, group: int, window: Windo
     return _Start(Flow(node.output[0], 1, layout), per_group, tuple(slices))
 
 
-def _transposed_conv_start(node: onnx.NodeProto, weight, bias, window: Window | None) -> _Start:
-    """A ConvTranspose's filters are axis 1 of its weight [C_in, C_out/group, k...]."""
-    total = int(weight.shape[1])
+def _filters_start(node: onnx.NodeProto, weight, bias, window: Window | None, axis: int) -> _Start:
+    """A group=1 (transposed) conv: its filters are weight axis `axis` (0 for Conv [F, C, k...],
+    1 for ConvTranspose [C, F, k...]); with a window, only filters [lo, hi)."""
+    total = int(weight.shape[axis])
     lo, hi = window or (0, total)
     layout = Layout((Segment(lo, 0, hi - lo),), total)
-    slices = [ParamSlice(node.name, 1, 1, layout)]
+    slices = [ParamSlice(node.name, 1, axis, layout)]
     if bias:
         slices.append(ParamSlice(node.name, 2, 0, layout))
     return _Start(Flow(node.output[0], 1, layout), hi - lo, tuple(slices))
