@@ -319,3 +319,20 @@ def test_grouped_conv_producer_loses_the_same_filters_in_every_group(method):
     conv = next(n for n in result.model.graph.node if n.name == "G")
     assert next(a.i for a in conv.attribute if a.name == "group") == 2
     assert initializer_array(result.model, conv.input[1]).shape == (4, 4, 3, 3)
+
+
+@pytest.mark.parametrize("simplify", [True, False])
+def test_weights_also_listed_as_graph_inputs_are_cut_and_listed_again(simplify):
+    """Older PyTorch exports (keep_initializers_as_inputs) declare every weight as an input."""
+    from tests import builders
+
+    model, dead = builders.conv_chain()
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    result = slim(model, ArrayData({"x": builders.calibration(model, 40)}), SlimConfig(simplify=simplify))
+    assert {g.producer: set(range(g.channels_before)) - set(g.kept) for g in result.groups} == \
+        {p: set(d) for p, d in dead.items()}
+    assert [i.name for i in result.model.graph.input] == [i.name for i in model.graph.input]
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in result.model.graph.input}
+    assert declared["conv2.w"] == [3, 4, 3, 3]
+    _assert_same_outputs(model, result.model, {"x": builders.calibration(model, 3, seed=8)})

@@ -150,9 +150,25 @@ def tensor_shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...
 
 def preserve_interface(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with the original's declared inputs and outputs, verbatim: names, element types,
-    and shapes with their symbolic or unknown dims (shape inference would fill those in)."""
-    declared = {vi.name: vi for vi in list(original.graph.input) + list(original.graph.output)}
-    for vi in list(model.graph.input) + list(model.graph.output):
+    and shapes with their symbolic or unknown dims (shape inference would fill those in).
+
+    A weight the original also lists as a graph input (older exporters) is listed again, with
+    the shape it has now.
+    """
+    weights = {t.name: t for t in model.graph.initializer}
+    present = {vi.name for vi in model.graph.input}
+    inputs = []
+    for vi in original.graph.input:
+        if vi.name in weights:
+            t = weights[vi.name]
+            inputs.append(onnx.helper.make_tensor_value_info(vi.name, t.data_type, list(t.dims)))
+        elif vi.name in present:
+            inputs.append(vi)
+    inputs += [vi for vi in model.graph.input if vi.name not in {i.name for i in inputs}]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    declared = {vi.name: vi for vi in original.graph.output}
+    for vi in model.graph.output:
         if vi.name in declared:
             vi.CopyFrom(declared[vi.name])
     return model
@@ -165,7 +181,7 @@ def canonicalize(model: onnx.ModelProto, simplify: bool = True) -> onnx.ModelPro
     onnxruntime's basic optimizer removes no-op nodes. Each step is checked against the
     input's outputs on random data and dropped if it changes them or fails.
     """
-    model = _name_nodes(_weights_without_identity(_constants_to_initializers(model)))
+    model = _name_nodes(_weights_without_identity(_weights_not_inputs(_constants_to_initializers(model))))
     if not simplify:
         return infer_shapes(model)
     for name, step in (("onnxsim", _simplify_onnxsim), ("onnxruntime", _optimize_ort_basic)):
@@ -272,6 +288,17 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
             keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
+    return model
+
+
+def _weights_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Initializers that older exporters also list as graph inputs are weights, not inputs: the
+    channel rules need them constant (the slim model lists them again, see preserve_interface)."""
+    weights = {t.name for t in model.graph.initializer}
+    kept = [vi for vi in model.graph.input if vi.name not in weights]
+    if len(kept) < len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
     return model
 
 
