@@ -156,13 +156,12 @@ def preserve_interface(original: onnx.ModelProto, model: onnx.ModelProto) -> onn
     the shape it has now.
     """
     weights = {t.name: t for t in model.graph.initializer}
-    present = {vi.name for vi in model.graph.input}
     inputs = []
     for vi in original.graph.input:
         if vi.name in weights:
             t = weights[vi.name]
             inputs.append(onnx.helper.make_tensor_value_info(vi.name, t.data_type, list(t.dims)))
-        elif vi.name in present:
+        else:  # verbatim, also one that simplification found unused (callers still feed it)
             inputs.append(vi)
     inputs += [vi for vi in model.graph.input if vi.name not in {i.name for i in inputs}]
     del model.graph.input[:]
