@@ -21,6 +21,7 @@ __all__ = [
     "grouped_block",
     "grouped_producer",
     "upsampling_decoder",
+    "quantized_dynamic",
     "quantized_qdq",
     "shared_weight_pair",
     "streaming_state_cache",
@@ -212,6 +213,18 @@ def quantized_qdq(seed: int = 0) -> onnx.ModelProto:
     h = n.node("DequantizeLinear", [q, scale, zero], "hdq")
     n.conv(h, "conv2", 8, 4)
     return n.model(["N", 3, 8, 8], "conv2", ["N", 4, 8, 8])
+
+
+def quantized_dynamic(seed: int = 0) -> onnx.ModelProto:
+    """onnxruntime's dynamic quantization of a conv: DynamicQuantizeLinear → ConvInteger →
+    Cast → Mul by the scales."""
+    n = Net(seed)
+    n.nodes.append(helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="quant"))
+    w = n.const("w_q", np.random.default_rng(seed).integers(0, 255, (4, 3, 3, 3)).astype(np.uint8))
+    acc = n.node("ConvInteger", ["xq", w, "xz", n.const("w_z", np.uint8(128))], "conv", kernel_shape=[3, 3])
+    scale = n.node("Mul", ["xs", n.const("w_s", np.float32(0.01))], "scale")
+    n.node("Mul", [n.node("Cast", [acc], "acc_f", to=TensorProto.FLOAT), scale], "out")
+    return n.model(["N", 3, 8, 8], "out", ["N", 4, 6, 6])
 
 
 def streaming_state_cache(seed: int = 0) -> onnx.ModelProto:

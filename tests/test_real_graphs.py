@@ -215,6 +215,11 @@ def test_a_weight_shared_by_two_convs_is_copied_before_either_is_cut(through_ide
     assert weights["a"] != weights["b"]
 
 
+def test_dynamically_quantized_model_is_refused_with_its_ops():
+    with pytest.raises(ThinetError, match=r"quantized \(ConvInteger, DynamicQuantizeLinear\)"):
+        slim(real_builders.quantized_dynamic(), ArrayData({"x": _images(8, (8, 8))}), SlimConfig())
+
+
 def test_quantized_model_is_refused_with_its_reason(tmp_path):
     with pytest.raises(ThinetError, match="quantized .*prune the float model first"):
         slim(real_builders.quantized_qdq(), ArrayData({"x": _images(8, (8, 8))}), SlimConfig())
