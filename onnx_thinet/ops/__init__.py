@@ -1,0 +1,40 @@
+"""One registry entry per ONNX op: its channel rule, whether coupled pruning may traverse it,
+and its PyTorch translator, declared together in one module per op family."""
+
+from __future__ import annotations
+
+from onnx_thinet.ops import (  # noqa: F401  (importing a family fills the registry)
+    activations,
+    conv,
+    elementwise,
+    indexing,
+    normalization,
+    pooling,
+    resize,
+    shape,
+)
+from onnx_thinet.ops.registry import (
+    REGISTRY,
+    TRAVERSE,
+    OpEntry,
+    channel_rule,
+    register,
+    rule_ops,
+    translatable_ops,
+    translator,
+    traversal,
+    untranslated,
+)
+
+__all__ = [
+    "REGISTRY",
+    "TRAVERSE",
+    "OpEntry",
+    "channel_rule",
+    "register",
+    "rule_ops",
+    "translatable_ops",
+    "translator",
+    "traversal",
+    "untranslated",
+]
