@@ -112,7 +112,8 @@ def _celu(g: Codegen, node: onnx.NodeProto) -> None:
 @register("ThresholdedRelu", rule=unary_rule, traverse="data")
 def _thresholded_relu(g: Codegen, node: onnx.NodeProto) -> None:
     alpha = attrs(node).get("alpha", 1.0)
-    g.emit(node, f"F.threshold({g.t(node.input[0], node)}, {flit(alpha)}, 0.0)")
+    x = g.t(node.input[0], node)
+    g.emit(node, f"torch.where({x} > {flit(alpha)}, {x}, 0.0)")
 
 
 @register("Selu", rule=unary_rule, traverse="data")

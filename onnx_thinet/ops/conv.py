@@ -133,7 +133,8 @@ def _conv(g: Codegen, node: onnx.NodeProto) -> None:
 
 
 @register("ConvTranspose")
-def _convtranspose(g: Codegen, node: onnx.NodeProto) -> None:
+def _conv_transpose(g: Codegen, node: onnx.NodeProto) -> None:
+    """nn.ConvTranspose; asymmetric pads are cropped from the unpadded output."""
     a = attrs(node)
     w = g.const(node.input[1])
     b = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -145,26 +146,18 @@ def _convtranspose(g: Codegen, node: onnx.NodeProto) -> None:
     if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise g.unsupported(node, "output_shape / auto_pad SAME are not supported")
     group = int(a.get("group", 1))
-    kernel = list(w.shape[2:])
-    strides = list(a.get("strides", [1] * nd))
-    dil = list(a.get("dilations", [1] * nd))
-    outpad = list(a.get("output_padding", [0] * nd))
     pads = [0] * (2 * nd) if a.get("auto_pad") == "VALID" else list(a.get("pads", [0] * 2 * nd))
-    if pads[:nd] != pads[nd:]:
-        raise g.unsupported(node, "asymmetric pads")
-    args = [str(w.shape[0]), str(w.shape[1] * group), tup(kernel)]
-    if any(s != 1 for s in strides):
-        args.append(f"stride={tup(strides)}")
-    if any(pads[:nd]):
-        args.append(f"padding={tup(pads[:nd])}")
-    if any(outpad):
-        args.append(f"output_padding={tup(outpad)}")
-    if group != 1:
-        args.append(f"groups={group}")
-    if b is None:
-        args.append("bias=False")
-    if any(d != 1 for d in dil):
-        args.append(f"dilation={tup(dil)}")
+    symmetric = pads[:nd] == pads[nd:]
+    args = [str(w.shape[0]), str(w.shape[1] * group), tup(list(w.shape[2:]))]
+    optional = {
+        "stride": list(a.get("strides", [1] * nd)),
+        "padding": pads[:nd] if symmetric else [0] * nd,
+        "output_padding": list(a.get("output_padding", [0] * nd)),
+        "dilation": list(a.get("dilations", [1] * nd)),
+    }
+    defaults = {"stride": 1, "padding": 0, "output_padding": 0, "dilation": 1}
+    args += [f"{k}={tup(v)}" for k, v in optional.items() if any(x != defaults[k] for x in v)]
+    args += ([f"groups={group}"] if group != 1 else []) + (["bias=False"] if b is None else [])
     attr = g.new_attr(node)
     g.add_module(
         attr,
@@ -172,7 +165,11 @@ def _convtranspose(g: Codegen, node: onnx.NodeProto) -> None:
         {"weight": w, "bias": b},
         {"weight": g.src(node.input[1]), "bias": g.src(opt_input(node, 2))},
     )
-    g.emit(node, f"self.{attr}({g.t(node.input[0], node)})")
+    y = f"self.{attr}({g.t(node.input[0], node)})"
+    if not symmetric:
+        crop = [f"{lo}:{-hi if hi else ''}" for lo, hi in zip(pads[:nd], pads[nd:], strict=True)]
+        y = f"{y}[..., {', '.join(crop)}]"
+    g.emit(node, y)
 
 
 @register("Gemm", rule=gemm_rule)
