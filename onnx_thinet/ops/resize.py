@@ -119,18 +119,18 @@ def _nearest_by_index(g: Codegen, node: onnx.NodeProto, coord: str, nearest: str
     """ONNX nearest resizing written out: per spatial axis, source index = round(coord(i))."""
     if coord not in _COORD or nearest not in _ROUND:
         raise g.unsupported(node, f"nearest resize with {coord} coordinates, {nearest} rounding")
-    x = g.t(node.input[0], node)
+    x0 = x = g.t(node.input[0], node)
     dims = g.dim_list(node.input[0]) or []
     nd = len(scales or sizes or []) - 2
     for ax in range(2, 2 + nd):
-        n_in = dims[ax] if ax < len(dims) and isinstance(dims[ax], int) else f"{x}.shape[{ax}]"
+        n_in = dims[ax] if ax < len(dims) and isinstance(dims[ax], int) else f"{x0}.shape[{ax}]"
         if scales:
             s = flit(scales[ax])
             n_out = _scaled_size(n_in, scales[ax])
         else:
             n_out = sizes[ax]
             s = f"({n_out} / {n_in})"
-        pos = f"torch.arange({n_out}, device={x}.device, dtype=torch.float32)"
+        pos = f"torch.arange({n_out}, device={x0}.device, dtype=torch.float32)"
         c = _COORD[coord].format(i=pos, s=s, n_in=n_in, n_out=n_out)
         index = f"{_ROUND[nearest].format(c=f'({c})')}.clamp(0, {n_in} - 1).long()"
         var = g.unique(f"{node_base(node)}_index{ax}", g.locals_used, "index")
@@ -143,6 +143,10 @@ def _scaled_size(n_in: int | str, scale: float) -> int | str:
     """ONNX output size floor(in * scale), in float32 like onnxruntime."""
     if isinstance(n_in, int):
         return int(np.floor(np.float32(n_in) * np.float32(scale)))
+    if float(scale).is_integer():  # integer arithmetic stays dynamic when traced
+        return f"{n_in} * {int(scale)}"
+    if float(1.0 / scale).is_integer():
+        return f"{n_in} // {int(1.0 / scale)}"
     return f"int({n_in} * {flit(scale)})"
 
 
