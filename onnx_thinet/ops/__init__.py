@@ -13,28 +13,7 @@ from onnx_thinet.ops import (  # noqa: F401  (importing a family fills the regis
     resize,
     shape,
 )
-from onnx_thinet.ops.registry import (
-    REGISTRY,
-    TRAVERSE,
-    OpEntry,
-    channel_rule,
-    register,
-    rule_ops,
-    translatable_ops,
-    translator,
-    traversal,
-    untranslated,
-)
+from onnx_thinet.ops import registry as _registry
+from onnx_thinet.ops.registry import *  # noqa: F403  (the registry's API is the package's)
 
-__all__ = [
-    "REGISTRY",
-    "TRAVERSE",
-    "OpEntry",
-    "channel_rule",
-    "register",
-    "rule_ops",
-    "translatable_ops",
-    "translator",
-    "traversal",
-    "untranslated",
-]
+__all__ = list(_registry.__all__)

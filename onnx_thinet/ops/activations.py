@@ -7,22 +7,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from onnx_thinet.channels.rules import (
-    Blocked,
-    Flow,
-    RuleContext,
-    Step,
-    on_data,
-    per_channel_constant,
-    same,
-)
+from onnx_thinet.channels.rules import Blocked, Flow, on_data, per_channel_constant, same
 from onnx_thinet.ops.registry import register
 from onnx_thinet.pytorch.source import FLOAT_DTYPES, attrs, flit, lit
 
 if TYPE_CHECKING:
+    from onnx_thinet.channels.rules import RuleContext, Step
     from onnx_thinet.pytorch.codegen import Codegen
 
-__all__ = ["UNARY", "unary_rule"]
+__all__ = ["ALPHA", "UNARY", "unary_rule"]
 
 
 @on_data
@@ -90,30 +83,20 @@ register(*UNARY, rule=unary_rule, traverse="data")(_unary)
 register(*UNARY_NO_RULE)(_unary)
 
 
-@register("LeakyRelu", rule=unary_rule, traverse="data")
-def _leaky_relu(g: Codegen, node: onnx.NodeProto) -> None:
-    alpha = attrs(node).get("alpha", 0.01)
-    g.emit(node, f"F.leaky_relu({g.t(node.input[0], node)}, {flit(alpha)})")
+# Activations with one `alpha` attribute: (ONNX default, PyTorch expression of x and alpha).
+ALPHA = {
+    "LeakyRelu": (0.01, "F.leaky_relu({x}, {a})"),
+    "Elu": (1.0, "F.elu({x}, {a})"),
+    "Celu": (1.0, "F.celu({x}, {a})"),
+    "ThresholdedRelu": (1.0, "torch.where({x} > {a}, {x}, 0.0)"),  # F.threshold: not exportable
+}
 
 
-@register("Elu", rule=unary_rule, traverse="data")
-def _elu(g: Codegen, node: onnx.NodeProto) -> None:
-    alpha = attrs(node).get("alpha", 1.0)
-    x = g.t(node.input[0], node)
-    g.emit(node, f"F.elu({x})" if alpha == 1.0 else f"F.elu({x}, {flit(alpha)})")
-
-
-@register("Celu", rule=unary_rule, traverse="data")
-def _celu(g: Codegen, node: onnx.NodeProto) -> None:
-    alpha = attrs(node).get("alpha", 1.0)
-    g.emit(node, f"F.celu({g.t(node.input[0], node)}, {flit(alpha)})")
-
-
-@register("ThresholdedRelu", rule=unary_rule, traverse="data")
-def _thresholded_relu(g: Codegen, node: onnx.NodeProto) -> None:
-    alpha = attrs(node).get("alpha", 1.0)
-    x = g.t(node.input[0], node)
-    g.emit(node, f"torch.where({x} > {flit(alpha)}, {x}, 0.0)")
+@register(*ALPHA, rule=unary_rule, traverse="data")
+def _with_alpha(g: Codegen, node: onnx.NodeProto) -> None:
+    default, template = ALPHA[node.op_type]
+    alpha = attrs(node).get("alpha", default)
+    g.emit(node, template.format(x=g.t(node.input[0], node), a=flit(alpha)))
 
 
 @register("Selu", rule=unary_rule, traverse="data")

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from onnx_thinet.channels.layout import AttrUpdate, Consumer, Layout, ParamSlice
-from onnx_thinet.channels.rules import Blocked, Consumed, Flow, RuleContext, Step, Through, on_data
+from onnx_thinet.channels.rules import Blocked, Consumed, Flow, Through, on_data
 from onnx_thinet.ops.registry import register
 from onnx_thinet.pytorch.source import (
     FLOAT_DTYPES,
@@ -21,6 +21,7 @@ from onnx_thinet.pytorch.source import (
 )
 
 if TYPE_CHECKING:
+    from onnx_thinet.channels.rules import RuleContext, Step
     from onnx_thinet.pytorch.codegen import Codegen
 
 __all__: list[str] = []
@@ -89,43 +90,51 @@ def matmul_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
 # ---------------------------------------------------------------- translators
 
 
+def _weights(g: Codegen, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Constant weight and optional bias of a (transposed) convolution, and its spatial rank."""
+    w = g.const(node.input[1])
+    bias_name = opt_input(node, 2)
+    b = g.const(bias_name) if bias_name else None
+    if w is None or (bias_name and b is None):
+        raise g.unsupported(node, "weight and bias must be constant initializers")
+    if w.ndim - 2 not in (1, 2, 3):
+        raise g.unsupported(node, f"{w.ndim - 2}-D convolution")
+    return w, b, w.ndim - 2
+
+
+def _layer(g: Codegen, node: onnx.NodeProto, cls: str, args: list[str], w: np.ndarray,
+           b: np.ndarray | None) -> str:
+    """Add the nn layer with its weight and bias; return the module attribute."""
+    args = args + (["bias=False"] if b is None else [])
+    if w.dtype != np.float32:
+        args.append(f"dtype={NP_TO_TORCH[w.dtype]}")
+    attr = g.new_attr(node)
+    sources = {"weight": g.src(node.input[1]), "bias": g.src(opt_input(node, 2))}
+    g.add_module(attr, f"nn.{cls}({', '.join(args)})", {"weight": w, "bias": b}, sources)
+    return attr
+
+
+def _optional_args(values: dict[str, list[int]], group: int) -> list[str]:
+    """Keyword arguments that differ from PyTorch's defaults."""
+    defaults = {"stride": 1, "padding": 0, "output_padding": 0, "dilation": 1}
+    args = [f"{k}={tup(v)}" for k, v in values.items() if any(x != defaults[k] for x in v)]
+    return args + ([f"groups={group}"] if group != 1 else [])
+
+
 @register("Conv", rule=conv_rule, traverse="data")  # traversed when depthwise (not a producer)
 def _conv(g: Codegen, node: onnx.NodeProto) -> None:
+    """nn.Conv; pads nn.Conv cannot express (asymmetric, SAME) become an F.pad."""
     a = attrs(node)
-    w = g.const(node.input[1])
-    if w is None:
-        raise g.unsupported(node, "the weight must be a constant initializer")
-    b = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if len(node.input) > 2 and node.input[2] and b is None:
-        raise g.unsupported(node, "the bias must be a constant initializer")
-    nd = w.ndim - 2
-    if nd not in (1, 2, 3):
-        raise g.unsupported(node, f"{nd}-D convolution")
+    w, b, nd = _weights(g, node)
     group = int(a.get("group", 1))
     kernel = list(w.shape[2:])
     strides = list(a.get("strides", [1] * nd))
     dil = list(a.get("dilations", [1] * nd))
     begins, ends = g.pads(node, a, kernel, strides, dil)
+    padding = begins if begins == ends else [0] * nd
     args = [str(w.shape[1] * group), str(w.shape[0]), tup(kernel)]
-    if any(s != 1 for s in strides):
-        args.append(f"stride={tup(strides)}")
-    if begins == ends and any(begins):
-        args.append(f"padding={tup(begins)}")
-    if any(d != 1 for d in dil):
-        args.append(f"dilation={tup(dil)}")
-    if group != 1:
-        args.append(f"groups={group}")
-    if b is None:
-        args.append("bias=False")
-    if w.dtype != np.float32:
-        args.append(f"dtype={NP_TO_TORCH[w.dtype]}")
-    attr = g.new_attr(node)
-    g.add_module(
-        attr,
-        f"nn.Conv{nd}d({', '.join(args)})",
-        {"weight": w, "bias": b},
-        {"weight": g.src(node.input[1]), "bias": g.src(opt_input(node, 2))},
-    )
+    args += _optional_args({"stride": strides, "padding": padding, "dilation": dil}, group)
+    attr = _layer(g, node, f"Conv{nd}d", args, w, b)
     x = g.t(node.input[0], node)
     if begins != ends:
         x = f"F.pad({x}, {torch_pad(begins, ends)})"
@@ -136,35 +145,20 @@ def _conv(g: Codegen, node: onnx.NodeProto) -> None:
 def _conv_transpose(g: Codegen, node: onnx.NodeProto) -> None:
     """nn.ConvTranspose; asymmetric pads are cropped from the unpadded output."""
     a = attrs(node)
-    w = g.const(node.input[1])
-    b = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if w is None or (len(node.input) > 2 and node.input[2] and b is None):
-        raise g.unsupported(node, "weight and bias must be constant initializers")
-    nd = w.ndim - 2
-    if nd not in (1, 2, 3):
-        raise g.unsupported(node, f"{nd}-D transposed convolution")
+    w, b, nd = _weights(g, node)
     if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise g.unsupported(node, "output_shape / auto_pad SAME are not supported")
     group = int(a.get("group", 1))
     pads = [0] * (2 * nd) if a.get("auto_pad") == "VALID" else list(a.get("pads", [0] * 2 * nd))
     symmetric = pads[:nd] == pads[nd:]
     args = [str(w.shape[0]), str(w.shape[1] * group), tup(list(w.shape[2:]))]
-    optional = {
+    args += _optional_args({
         "stride": list(a.get("strides", [1] * nd)),
         "padding": pads[:nd] if symmetric else [0] * nd,
         "output_padding": list(a.get("output_padding", [0] * nd)),
         "dilation": list(a.get("dilations", [1] * nd)),
-    }
-    defaults = {"stride": 1, "padding": 0, "output_padding": 0, "dilation": 1}
-    args += [f"{k}={tup(v)}" for k, v in optional.items() if any(x != defaults[k] for x in v)]
-    args += ([f"groups={group}"] if group != 1 else []) + (["bias=False"] if b is None else [])
-    attr = g.new_attr(node)
-    g.add_module(
-        attr,
-        f"nn.ConvTranspose{nd}d({', '.join(args)})",
-        {"weight": w, "bias": b},
-        {"weight": g.src(node.input[1]), "bias": g.src(opt_input(node, 2))},
-    )
+    }, group)
+    attr = _layer(g, node, f"ConvTranspose{nd}d", args, w, b)
     y = f"self.{attr}({g.t(node.input[0], node)})"
     if not symmetric:
         crop = [f"{lo}:{-hi if hi else ''}" for lo, hi in zip(pads[:nd], pads[nd:], strict=True)]

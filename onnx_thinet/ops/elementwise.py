@@ -13,9 +13,6 @@ from onnx_thinet.channels.rules import (
     Blocked,
     CoupledStop,
     Flow,
-    Flows,
-    RuleContext,
-    Step,
     on_data,
     per_channel_constant,
     same,
@@ -25,6 +22,7 @@ from onnx_thinet.ops.registry import register
 from onnx_thinet.pytorch.source import INT_ONNX_TYPES, ONNX_TO_TORCH, Val, attrs, flit, paren
 
 if TYPE_CHECKING:
+    from onnx_thinet.channels.rules import Flows, RuleContext, Step
     from onnx_thinet.pytorch.codegen import Codegen
 
 __all__: list[str] = []

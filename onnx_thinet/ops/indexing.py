@@ -9,20 +9,12 @@ import numpy as np
 import onnx
 
 from onnx_thinet.channels.layout import ShapeFix
-from onnx_thinet.channels.rules import (
-    Blocked,
-    CoupledStop,
-    Flow,
-    Flows,
-    RuleContext,
-    Step,
-    Through,
-    on_data,
-)
+from onnx_thinet.channels.rules import Blocked, CoupledStop, Flow, Through, on_data
 from onnx_thinet.ops.registry import register
 from onnx_thinet.pytorch.source import INT_END, ONNX_TO_TORCH, Val, attrs, lit
 
 if TYPE_CHECKING:
+    from onnx_thinet.channels.rules import Flows, RuleContext, Step
     from onnx_thinet.pytorch.codegen import Codegen
 
 __all__: list[str] = []

@@ -8,11 +8,12 @@ import numpy as np
 import onnx
 
 from onnx_thinet.channels.layout import ParamSlice
-from onnx_thinet.channels.rules import Blocked, Flow, RuleContext, Step, Through, on_data
+from onnx_thinet.channels.rules import Blocked, Flow, Through, on_data
 from onnx_thinet.ops.registry import register
 from onnx_thinet.pytorch.source import attrs, flit
 
 if TYPE_CHECKING:
+    from onnx_thinet.channels.rules import RuleContext, Step
     from onnx_thinet.pytorch.codegen import Codegen
 
 __all__: list[str] = []

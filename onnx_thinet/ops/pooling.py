@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from onnx_thinet.channels.rules import Blocked, Flow, RuleContext, Step, Through, on_data, same
+from onnx_thinet.channels.rules import Blocked, Flow, Through, on_data, same
 from onnx_thinet.ops.registry import register
 from onnx_thinet.pytorch.source import attrs, flit, torch_pad, tup
 
 if TYPE_CHECKING:
+    from onnx_thinet.channels.rules import RuleContext, Step
     from onnx_thinet.pytorch.codegen import Codegen
 
 __all__: list[str] = []
