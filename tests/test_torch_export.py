@@ -670,3 +670,15 @@ def test_export_checks_models_with_symbolic_spatial_dims(tmp_path: Path, monkeyp
     with pytest.raises(ThinetError, match="disagrees with onnxruntime"):
         export_torch(save(model, tmp_path / "dyn.onnx"), tmp_path / "out")
     assert not (tmp_path / "out" / "model.py").exists()
+
+
+def test_export_leaves_the_model_unmodified(tmp_path: Path) -> None:
+    """Shape inference relaxes the batch dim on a copy: the caller's model is not touched."""
+    from onnx_thinet.pytorch.export import export_torch_model
+
+    model, _ = builders.conv_chain()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # a static batch
+    model.graph.value_info.extend(onnx.shape_inference.infer_shapes(model).graph.value_info)
+    before = model.SerializeToString()
+    export_torch_model(model, tmp_path / "o")
+    assert model.SerializeToString() == before
