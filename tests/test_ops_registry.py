@@ -214,6 +214,10 @@ def _shape_cases() -> dict[str, Case]:
                                   n("Range", ["z", "wd", "one"], "r"), n("Cast", ["r"], "rf", to=TensorProto.FLOAT),
                                   n("Add", ["x", "rf"])],
                                  {"i": np.array(3), "z": np.array(0), "one": np.array(1)}, shape=["N", 4, 6, "W"]),
+        "Div/shape_cast_to_float": Case([n("Shape", ["x"], "s"), n("Gather", ["s", "i"], "wd"),
+                                         n("Cast", ["wd"], "wf", to=TensorProto.FLOAT), n("Div", ["wf", "two"], "half"),
+                                         n("Add", ["x", "half"])],
+                                        {"i": np.array(3), "two": np.array(2.0, np.float32)}, shape=[2, 4, 6, 7]),
         "Range/float": Case([n("Range", ["a", "b", "c"], "r"), n("Add", ["x", "r"])],
                             {"a": np.array(0.5, np.float32), "b": np.array(3.3, np.float32), "c": np.array(0.5, np.float32)}),
     }

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
+FLOAT_ONNX_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16})
+
 
 def _binary_rule(ctx: RuleContext, node: onnx.NodeProto, flows: Flows) -> Step:
     if len(node.input) != 2:
@@ -80,24 +82,35 @@ def _arith(g: Codegen, node: onnx.NodeProto) -> None:
 
 
 def _shape_arith(g: Codegen, node: onnx.NodeProto, va: Val, vb: Val) -> None:
-    """Arithmetic on Python-int shape values (dynamic reshape targets)."""
-    ia = va.items if va.kind == "shape" else [int(v) for v in va.array.reshape(-1)]
-    ib = vb.items if vb.kind == "shape" else [int(v) for v in vb.array.reshape(-1)]
+    """Arithmetic on Python-number shape values (dynamic reshape targets, anchor strides);
+    integer division truncates, a shape cast to float divides exactly."""
+    floating = g.etypes.get(node.output[0]) in FLOAT_ONNX_TYPES or any(
+        v.kind == "const" and v.array.dtype.kind == "f" for v in (va, vb)
+    )
+    ia, ib = _numbers(va, floating), _numbers(vb, floating)
     if ia is None or ib is None:
         raise g.unsupported(node, "arithmetic on a shape of unknown length")
     n = max(len(ia), len(ib))
     ia, ib = (ia * n if len(ia) == 1 else ia), (ib * n if len(ib) == 1 else ib)
-    py = {"Add": "+", "Sub": "-", "Mul": "*", "Div": "//"}.get(node.op_type)
+    py = {"Add": "+", "Sub": "-", "Mul": "*", "Div": "/" if floating else "//"}.get(node.op_type)
     if py is None:
         raise g.unsupported(node, "this arithmetic on shape values")
     items: list[int | str] = []
     for x, y in zip(ia, ib, strict=True):
-        if isinstance(x, int) and isinstance(y, int):
-            items.append(int(eval(f"{x} {py} {y}")))  # noqa: S307 - two ints
+        if isinstance(x, int | float) and isinstance(y, int | float):
+            items.append(eval(f"{x!r} {py} {y!r}"))  # noqa: S307 - two numbers
         else:
             items.append(f"{paren(x)} {py} {paren(y)}")
     scalar = (va.kind != "shape" or va.scalar) and (vb.kind != "shape" or vb.scalar)
     g.values[node.output[0]] = Val("shape", items=items, scalar=scalar)
+
+
+def _numbers(v: Val, floating: bool) -> list | None:
+    """A shape value's items, or a constant's values as Python ints (floats when `floating`)."""
+    if v.kind == "shape":
+        return None if v.items is None else list(v.items)
+    values = v.array.reshape(-1).tolist()
+    return [float(x) for x in values] if floating else [int(x) for x in values]
 
 
 @register("Max", "Min", rule=_binary_rule)
