@@ -11,7 +11,7 @@ import onnx
 from onnx_thinet.channels.layout import ShapeFix
 from onnx_thinet.channels.rules import Blocked, CoupledStop, Flow, Through, on_data
 from onnx_thinet.ops.registry import register
-from onnx_thinet.pytorch.source import INT_END, ONNX_TO_TORCH, Val, attrs, lit
+from onnx_thinet.pytorch.source import INT_END, NP_TO_TORCH, ONNX_TO_TORCH, Val, attrs, lit
 
 if TYPE_CHECKING:
     from onnx_thinet.channels.rules import Flows, RuleContext, Step
@@ -260,3 +260,35 @@ def _scalar(g: Codegen, node: onnx.NodeProto, name: str) -> str:
             raise g.unsupported(node, f"operand '{name}' is not a scalar")
         return str(v.items[0])
     return v.expr
+
+
+def _sizes_text(items: list[int | str]) -> str:
+    """A tuple literal of ints and run-time expressions."""
+    return "(" + ", ".join(map(str, items)) + ("," if len(items) == 1 else "") + ")"
+
+
+@register("Expand")
+def _expand(g: Codegen, node: onnx.NodeProto) -> None:
+    """Bidirectional broadcast to a shape (a product with ones keeps ONNX's rule that a 1 in
+    the target keeps the input's dim, which Tensor.expand refuses)."""
+    x = g.t(node.input[0], node)
+    items = g.int_items(node, 1, "shape")
+    g.emit(node, f"{x} * torch.ones({_sizes_text(items)}, dtype={x}.dtype, device={x}.device)")
+
+
+@register("Tile")
+def _tile(g: Codegen, node: onnx.NodeProto) -> None:
+    x = g.t(node.input[0], node)
+    g.emit(node, f"{x}.repeat{_sizes_text(g.int_items(node, 1, 'repeats'))}")
+
+
+@register("ConstantOfShape")
+def _constant_of_shape(g: Codegen, node: onnx.NodeProto) -> None:
+    value = attrs(node).get("value")
+    fill = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
+    dtype = NP_TO_TORCH.get(fill.dtype)
+    if dtype is None:
+        raise g.unsupported(node, f"fill value of dtype {fill.dtype}")
+    items = g.int_items(node, 0, "shape")
+    device = f", device={g.arg_names[0]}.device" if g.arg_names else ""
+    g.emit(node, f"torch.full({_sizes_text(items)}, {lit(fill[0])}, dtype={dtype}{device})")
