@@ -151,6 +151,15 @@ def _elementwise_cases() -> dict[str, Case]:
     cases["Mean/three"] = Case([n("Neg", ["x"], "a"), n("Exp", ["x"], "b"), n("Mean", ["x", "a", "b"])])
     cases["Where/const_cond"] = Case([n("Neg", ["x"], "a"), n("Where", ["c", "x", "a"])],
                                      {"c": RNG.random((1, 4, 1, 6)) > 0.5})
+    for op in ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual"):
+        cases[f"{op}/tensor_const"] = Case([n("Round", ["x"], "r"), n(op, ["r", "c"], "m"), n("Where", ["m", "x", "z"])],
+                                           {"c": np.array(0.0, np.float32), "z": np.array(0.0, np.float32)})
+        cases[f"{op}/const_tensor"] = Case([n("Round", ["x"], "r"), n(op, ["c", "r"], "m"), n("Cast", ["m"], to=TensorProto.FLOAT)],
+                                           {"c": pos(1, 4, 1, 1).round()})
+    for op in ("And", "Or", "Xor"):
+        cases[op] = Case([n("Not", ["x"], "nx"), n("Xor", ["x", "c"], "m"), n(op, ["nx", "m"], "l"),
+                          n("Cast", ["l"], to=TensorProto.FLOAT)], {"c": RNG.random((4, 1, 6)) > 0.5},
+                         dtype=TensorProto.BOOL)
     cases["Cast/int_roundtrip"] = Case([n("Cast", ["x"], "i", to=TensorProto.INT32), n("Cast", ["i"], to=TensorProto.FLOAT)])
     cases["Dropout/inference"] = Case([n("Dropout", ["x"])])
     cases["Constant/added"] = Case([helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(w(4, 1, 1))),

@@ -183,3 +183,22 @@ def _dropout(g: Codegen, node: onnx.NodeProto) -> None:
 @register("Constant")  # always constant-folded before translation
 def _constant(g: Codegen, node: onnx.NodeProto) -> None:
     g.fold(node)
+
+
+_COMPARE = {
+    "Equal": "torch.eq", "Greater": "torch.gt", "Less": "torch.lt", "GreaterOrEqual": "torch.ge",
+    "LessOrEqual": "torch.le", "And": "torch.logical_and", "Or": "torch.logical_or",
+    "Xor": "torch.logical_xor",
+}
+
+
+@register(*_COMPARE)
+def _compare(g: Codegen, node: onnx.NodeProto) -> None:
+    """Comparisons and logic: boolean masks (no channel rule: slim never prunes through them)."""
+    a, b = (g.t(name, node) for name in node.input)
+    if not g.values[node.input[0]].kind == "tensor":  # torch.eq(1.0, x) wants a tensor first
+        a, b = b, a
+        fn = {"torch.gt": "torch.lt", "torch.lt": "torch.gt", "torch.ge": "torch.le", "torch.le": "torch.ge"}
+        g.emit(node, f"{fn.get(_COMPARE[node.op_type], _COMPARE[node.op_type])}({a}, {b})")
+        return
+    g.emit(node, f"{_COMPARE[node.op_type]}({a}, {b})")
