@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from onnx_thinet.ops import (  # noqa: F401  (importing a family fills the registry)
     activations,
+    axes,
     conv,
     elementwise,
     indexing,
     normalization,
     pooling,
     resize,
-    shape,
+    shapes,
 )
 from onnx_thinet.ops import registry as _registry
 from onnx_thinet.ops.registry import *  # noqa: F403  (the registry's API is the package's)

@@ -1,5 +1,6 @@
-"""Concat, Split, Slice, Gather, Shape, Range: joining, cutting and indexing tensors, and the
-run-time shape arithmetic (Shape -> Gather -> Concat/Range) that becomes Python in forward()."""
+"""Concat, Split, Slice, Gather, Range, Expand, Tile, ConstantOfShape: joining, cutting and
+indexing tensors, and the run-time shape arithmetic (Shape -> Gather -> Concat/Range) that
+becomes Python in forward()."""
 
 from __future__ import annotations
 
@@ -192,25 +193,6 @@ def _index_list(g: Codegen, node: onnx.NodeProto, spec: dict[int, str]) -> list[
         return ["..."] + [spec.get(i, ":") for i in range(min(spec), 0)]
     raise g.unsupported(node, "mixed negative/positive axes on a tensor of unknown rank")
 
-
-@register("Shape")
-def _shape(g: Codegen, node: onnx.NodeProto) -> None:
-    x = g.t(node.input[0], node)
-    a = attrs(node)
-    dims = g.dim_list(node.input[0])
-    start, end = a.get("start"), a.get("end")
-    if dims is None:
-        sl = (
-            ""
-            if start is None and end is None
-            else f"[{start or ''}:{'' if end is None else end}]"
-        )
-        g.values[node.output[0]] = Val("shape", expr=f"list({x}.shape){sl}")
-        return
-    items: list[int | str] = [
-        d if isinstance(d, int) else f"{x}.shape[{i}]" for i, d in enumerate(dims)
-    ]
-    g.values[node.output[0]] = Val("shape", items=items[slice(start, end)])
 
 @register("Gather")
 def _gather(g: Codegen, node: onnx.NodeProto) -> None:

@@ -1,4 +1,4 @@
-"""Ops that move axes around: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Pad. The channels
+"""Ops that move axes around (axes family): Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Pad. The channels
 follow their axis; a merge of axes keeps them as the outer factor of the merged axis."""
 
 from __future__ import annotations
