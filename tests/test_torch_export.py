@@ -655,6 +655,9 @@ def test_export_refuses_a_wrong_module_and_writes_nothing(tmp_path: Path, monkey
         export_torch(src, out)
     assert (out / "model.py").read_text() == "# the user's earlier export\n"
     assert sorted(p.name for p in out.iterdir()) == ["model.py"]
+    with pytest.raises(ThinetError, match="nothing was written"):
+        export_torch(src, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chain.onnx", "out"]  # no dir, no scratch
 
 
 def test_export_checks_models_with_symbolic_spatial_dims(tmp_path: Path, monkeypatch) -> None:

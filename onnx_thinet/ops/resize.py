@@ -41,20 +41,20 @@ def _resize_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
 
 
 # ONNX coordinate_transformation_mode -> source coordinate of output position `i`
-_COORD = {
-    "asymmetric": "{i} / {s}",
-    "half_pixel": "({i} + 0.5) / {s} - 0.5",
-    "pytorch_half_pixel": "({i} + 0.5) / {s} - 0.5",
-    "tf_half_pixel_for_nn": "({i} + 0.5) / {s}",
-    "align_corners": "{i} * ({n_in} - 1) / max({n_out} - 1, 1)",
-}
+_COORD = dict(
+    asymmetric="{i} / {s}",
+    half_pixel="({i} + 0.5) / {s} - 0.5",
+    pytorch_half_pixel="({i} + 0.5) / {s} - 0.5",
+    tf_half_pixel_for_nn="({i} + 0.5) / {s}",
+    align_corners="{i} * ({n_in} - 1) / max({n_out} - 1, 1)",
+)
 # ONNX nearest_mode -> integer index of source coordinate `c`
-_ROUND = {
-    "round_prefer_floor": "torch.ceil({c} - 0.5)",
-    "round_prefer_ceil": "torch.floor({c} + 0.5)",
-    "floor": "torch.floor({c})",
-    "ceil": "torch.ceil({c})",
-}
+_ROUND = dict(
+    round_prefer_floor="torch.ceil({c} - 0.5)",
+    round_prefer_ceil="torch.floor({c} + 0.5)",
+    floor="torch.floor({c})",
+    ceil="torch.ceil({c})",
+)
 
 
 def _resize_common(g: Codegen, node: onnx.NodeProto, mode: str, coord: str, nearest: str,

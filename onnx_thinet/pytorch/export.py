@@ -145,15 +145,16 @@ def export_torch_model(
     gen.run()
     text = render(gen, source)
     state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in gen.state.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".export-torch.", dir=out))
+    near = out.parent if out.parent.is_dir() else None  # same file system: moves are renames
+    scratch = Path(tempfile.mkdtemp(prefix=".export-torch.", dir=near))
     try:
         torch.save(state, str(scratch / "weights.pt"))
         (scratch / "model.py").write_text(text, encoding="utf-8")
         if verify:
             _verify_export(model, scratch / "model.py")
+        out.mkdir(parents=True, exist_ok=True)
         for name in ("weights.pt", "model.py"):
-            os.replace(scratch / name, out / name)
+            shutil.move(str(scratch / name), str(out / name))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     logger.info("wrote %s (%d layers/params) and weights.pt", out / "model.py", len(gen.init_lines))
