@@ -238,6 +238,19 @@ def _shape_cases() -> dict[str, Case]:
         "Range/float": Case([n("Range", ["a", "b", "c"], "r"), n("Add", ["x", "r"])],
                             {"a": np.array(0.5, np.float32), "b": np.array(3.3, np.float32), "c": np.array(0.5, np.float32)}),
     }
+    cases.update({
+        "Squeeze/opset11_attr": Case([n("Unsqueeze", ["x"], "u", axes=[0]), n("Squeeze", ["u"], axes=[0])], opset=11),
+        "Unsqueeze/opset11_attr": Case([n("Unsqueeze", ["x"], axes=[1, -1])], opset=11),
+        "Split/opset11_attr": Case([helper.make_node("Split", ["x"], ["p", "q"], axis=2, split=[2, 4]),
+                                    n("ReduceSum", ["q"], "r", axes=[2], keepdims=1), n("Add", ["p", "r"])], opset=11),
+        "Split/equal_parts": Case([helper.make_node("Split", ["x"], ["p", "q"], axis=1), n("Sub", ["p", "q"])]),
+        "Pad/opset10_attr": Case([n("Pad", ["x"], pads=[0, 0, 1, 0, 0, 0, 0, 2], value=0.5)], opset=10),
+        "Slice/opset9_attr": Case([n("Slice", ["x"], starts=[1, 0], ends=[3, 100], axes=[1, 3])], opset=9),
+        "Flatten/axis0": unary("Flatten", axis=0),
+        "Gather/negative_axis": Case([n("Gather", ["x", "i"], axis=-1)], {"i": np.array([[5, 0], [1, 1]])}),
+        "Softmax/opset11_axis2": Case([n("Softmax", ["x"], axis=2)], opset=11),
+        "Resize/opset10_scales": Case([n("Resize", ["x", "s"], mode="nearest")], {"s": np.array([1, 1, 2, 3], np.float32)}, opset=10),
+    })
     for mode in ("constant", "reflect", "edge", "wrap"):
         cases[f"Pad/{mode}"] = Case([n("Pad", ["x", "p"], mode=mode)], {"p": np.array([0, 0, 1, 2, 0, 0, 2, 1])})
     cases["Pad/value_axes"] = Case([n("Pad", ["x", "p", "v", "a"])],
