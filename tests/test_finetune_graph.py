@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx_thinet.pytorch import finetune_graph as ft  # noqa: E402
 from onnx_thinet.errors import InternalError, ThinetError  # noqa: E402
+from onnx_thinet.pytorch import finetune_graph as ft  # noqa: E402
 from onnx_thinet.pytorch.export import InitSource, export_torch_model  # noqa: E402
 from onnx_thinet.pytorch.finetune import finetune_graph  # noqa: E402
 

@@ -104,6 +104,15 @@ class _Checkpoint:
     path: Path
     fingerprint: dict[str, Any]
 
+    @classmethod
+    def for_run(
+        cls, directory: str | Path, student: Path, teacher: Path, data: Path, batch_size: int, seed: int
+    ) -> _Checkpoint:
+        """A run is resumed only with the same files (by content), batch size and seed."""
+        fingerprint = {"student": file_digest(student), "teacher": file_digest(teacher),
+                       "data": file_digest(data), "batch_size": batch_size, "seed": seed}
+        return cls(Path(directory) / CHECKPOINT_NAME, fingerprint)
+
     def save(self, torch: Any, state: dict[str, Any]) -> None:
         """Atomic torch.save: an interrupted save never corrupts the last good checkpoint."""
         atomic_write(self.path, lambda tmp: torch.save(state | {"fingerprint": self.fingerprint}, tmp))
@@ -156,6 +165,17 @@ class _RunState:
             self.history.append(float(np.mean(losses)) if losses else float("nan"))
             logger.info("epoch %d/%d: loss %.4f", done.batch.epoch + 1, self.epochs, self.history[-1])
 
+    def result(self, output: Path, final_loss: float, seconds: float, resumed_from: int) -> FinetuneResult:
+        return FinetuneResult(
+            output=output, epochs=len(self.history), steps=self.step, final_loss=final_loss,
+            initial_loss=self.initial_loss,
+            train_loss=float(np.mean(self.recent)) if self.recent else float("nan"),
+            seconds=seconds,
+            seconds_per_epoch=seconds * self.per_epoch / self.steps_run if self.steps_run else 0.0,
+            samples_per_second=self.samples_run / seconds if seconds > 0 else 0.0,
+            resumed_from_epoch=resumed_from, history=tuple(self.history),
+        )
+
     def position(self) -> tuple[int, int]:
         """(epoch, batch) to resume from after the last step run."""
         if self.last is None:
@@ -193,14 +213,12 @@ def finetune(
     torch = require_torch()
     _check_arguments(epochs, batch_size, lr, temperature, max_steps)
     dev = resolve_device(torch, device)
-    student_path, teacher_path, out = Path(student_onnx), Path(teacher_onnx), Path(output)
+    student_path, out = Path(student_onnx), Path(output)
     x, y = load_data(data)
     check_layout(x, load_model(student_path), "student")
-    teacher = Teacher(teacher_path, x)
+    teacher = Teacher(Path(teacher_onnx), x)
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory(prefix="onnx_thinet_ft_") as tmp:
-        module = load_exported(export_torch(student_path, Path(tmp) / "student"))
-    module.to(dev).train()
+    module = _student_module(torch, student_path, dev)
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     per_epoch = steps_per_epoch(len(x), batch_size)
     total = min(epochs * per_epoch, max_steps or epochs * per_epoch)
@@ -210,16 +228,14 @@ def finetune(
     run = _RunState(epochs, total, per_epoch, initial)
     ckpt = None
     if checkpoint_dir is not None:
-        fingerprint = {"student": file_digest(student_path), "teacher": file_digest(teacher_path),
-                       "data": file_digest(data), "batch_size": batch_size, "seed": seed}
-        ckpt = _Checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME, fingerprint)
+        ckpt = _Checkpoint.for_run(checkpoint_dir, student_path, Path(teacher_onnx), Path(data), batch_size, seed)
         if resume and ckpt.path.is_file():
             _resume(torch, ckpt, module, optimizer, run)
     resumed_from = run.start_epoch
     batches = epoch_batches(len(x), batch_size, seed, epochs, run.start_epoch, run.start_batch)
-    make_batch = _batch_maker(torch, x, teacher, seed, augment)
     t0 = time.perf_counter()
-    train(torch, module, optimizer, batches, make_batch, y, Schedule(lr, total, temperature, dev, run.step),
+    train(torch, module, optimizer, batches, _batch_maker(torch, x, teacher, seed, augment), y,
+          Schedule(lr, total, temperature, dev, run.step),
           _step_handler(torch, run, module, optimizer, ckpt, progress))
     if ckpt is not None and run.last is not None and not run.last.last:
         _save(torch, ckpt, module, optimizer, run)  # stopped inside an epoch (max_steps)
@@ -227,15 +243,14 @@ def finetune(
     final = probe_loss(torch, module, probe_x, probe_t, None, temperature, dev, len(probe_x))
     _export_and_verify(torch, module, student_path, out, x[: min(len(x), max(2, min(batch_size, 8)))])
     logger.info("fine-tuned %s: distillation loss %.4f -> %.4f", out, run.initial_loss, final)
-    return FinetuneResult(
-        output=out, epochs=len(run.history), steps=run.step, final_loss=final,
-        initial_loss=run.initial_loss,
-        train_loss=float(np.mean(run.recent)) if run.recent else float("nan"),
-        seconds=seconds,
-        seconds_per_epoch=seconds * per_epoch / run.steps_run if run.steps_run else 0.0,
-        samples_per_second=run.samples_run / seconds if seconds > 0 else 0.0,
-        resumed_from_epoch=resumed_from, history=tuple(run.history),
-    )
+    return run.result(out, final, seconds, resumed_from)
+
+
+def _student_module(torch: Any, student_path: Path, device: Any) -> Any:
+    """The student as a generated PyTorch module (checked against onnxruntime), training."""
+    with tempfile.TemporaryDirectory(prefix="onnx_thinet_ft_") as tmp:
+        module = load_exported(export_torch(student_path, Path(tmp) / "student"))
+    return module.to(device).train()
 
 
 def _check_arguments(

@@ -87,6 +87,12 @@ class _Probe:
     y: np.ndarray | None
     chunk: int
 
+    @classmethod
+    def first(cls, x: np.ndarray, y: np.ndarray | None, targets: TeacherOutputs, chunk: int) -> _Probe:
+        """The first _PROBE samples (all when there are fewer)."""
+        idx = np.arange(min(len(x), _PROBE))
+        return cls(x[idx], targets(idx), None if y is None else y[idx], chunk)
+
     def loss(self, torch: Any, module: Any, temperature: float, device: Any) -> float:
         return probe_loss(torch, module, self.x, self.targets, self.y, temperature, device, self.chunk)
 
@@ -108,21 +114,14 @@ def finetune_graph(
     """Fine-tune ``model`` for ``steps`` optimizer steps in place of its own graph.
 
     The paper's layer-by-layer schedule: after a pruning pass, a short distillation from
-    the original ``teacher`` (run in onnxruntime) before the next layer. Loss, optimizer and
-    data formats are ``finetune()``'s; Adam with a cosine decay over the call (``lr``
-    default DEFAULT_GRAPH_LR = 3e-4: on Fashion-MNIST VGG, keep 0.4, 20 steps per pass,
-    1e-3 raised the loss in 4 passes, 1e-4 recovered less); batches of ``batch_size``
-    from a ``seed``-dependent permutation (vary ``seed`` per pass to see more data).
-
-    Returns a copy of ``model`` whose graph is unchanged: only float initializer values
-    change, written back through the export's InitSource layouts. Tensors without a
-    one-to-one initializer are frozen, so the ONNX model computes exactly what was trained.
-    With ``freeze_bn`` (default) BatchNorm runs in eval mode (only its affine terms train);
-    ``freeze_bn=False`` trains on batch statistics and writes the running stats back.
-
-    If the probe loss (first 256 samples, eval mode) ends higher than it started, the tuning
-    is discarded with a warning. ``steps=0`` still does the export/write-back round trip.
-    ``cache``: a TeacherCache shared by the calls of one schedule (None: nothing is kept).
+    the original ``teacher`` before the next layer, with ``finetune()``'s loss and data.
+    ``lr`` defaults to DEFAULT_GRAPH_LR (3e-4: on Fashion-MNIST VGG, keep 0.4, 20 steps per
+    pass, 1e-3 raised the loss, 1e-4 recovered less); vary ``seed`` per pass to see more data.
+    Returns a copy whose graph is unchanged: only float initializer values change (tensors
+    without a one-to-one initializer stay frozen). ``freeze_bn`` keeps BatchNorm in eval
+    mode. A tuning that raises the probe loss (first 256 samples) is discarded with a
+    warning; ``steps=0`` still does the round trip. ``cache``: a TeacherCache shared by the
+    calls of one schedule (None: nothing outlives the call).
     """
     torch = require_torch()
     lr = _check_arguments(model, teacher, steps, lr, batch_size, temperature)
@@ -134,16 +133,13 @@ def finetune_graph(
     out.CopyFrom(model)
     module, mapping, trainable = _export_student(out)
     module.to(dev)
-    probe_idx = np.arange(min(len(x), _PROBE))
-    probe = _Probe(x[probe_idx], targets(probe_idx), None if y is None else y[probe_idx],
-                   max(1, min(batch_size, 64)))
+    probe = _Probe.first(x, y, targets, chunk=max(1, min(batch_size, 64)))
     initial = final = probe.loss(torch, module, temperature, dev)
     steps = int(steps)
     if steps and trainable:
         torch.manual_seed(seed)
         _set_train_mode(torch, module, freeze_bn)
-        optimizer = torch.optim.Adam(trainable, lr=lr)
-        train(torch, module, optimizer, cycled_batches(len(x), batch_size, seed),
+        train(torch, module, torch.optim.Adam(trainable, lr=lr), cycled_batches(len(x), batch_size, seed),
               lambda b: (torch.from_numpy(x[b.samples]), targets(b.samples)), y,
               Schedule(lr, steps, temperature, dev))
         final = probe.loss(torch, module, temperature, dev)
