@@ -22,15 +22,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_thinet.errors import InternalError, ThinetError
-from onnx_thinet.pytorch.distill import (
-    Teacher,
-    TeacherOutputs,
-    check_layout,
-    load_data,
-    probe_loss,
-    resolve_device,
-    verify_module,
-)
+from onnx_thinet.pytorch import distill
+from onnx_thinet.pytorch.distill import TeacherOutputs, probe_loss
 from onnx_thinet.pytorch.export import InitSource, export_torch_model, load_exported, require_torch
 from onnx_thinet.pytorch.training import Schedule, cycled_batches, train
 
@@ -72,8 +65,8 @@ class TeacherCache:
             (hashlib.sha256(blob).hexdigest(), str(p.resolve()), str(st.st_mtime_ns), str(st.st_size))
         )
         if self.key != key or self.outputs is None or self.x is None:
-            self.x, self.y = load_data(p)
-            self.outputs = TeacherOutputs(Teacher(teacher, self.x), self.x)
+            self.x, self.y = distill.load_data(p)
+            self.outputs = TeacherOutputs(distill.Teacher(teacher, self.x), self.x)
             self.key = key
         return self.x, self.y, self.outputs
 
@@ -125,9 +118,9 @@ def finetune_graph(
     """
     torch = require_torch()
     lr = _check_arguments(model, teacher, steps, lr, batch_size, temperature)
-    dev = resolve_device(torch, device)
+    dev = distill.resolve_device(torch, device)
     x, y, targets = (cache or TeacherCache()).get(teacher, data_path)
-    check_layout(x, model, "student")
+    distill.check_layout(x, model, "student")
     t0 = time.perf_counter()
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -150,7 +143,7 @@ def finetune_graph(
     diff = _structure_diff(model, out)
     if diff is not None:
         raise InternalError(f"fine-tuning changed the graph's {diff}")
-    verify_module(torch, module if updated else None, out, probe.x[:8])
+    distill.verify_module(torch, module if updated else None, out, probe.x[:8])
     logger.info(
         "fine-tuned %d steps in %.1fs: probe loss %.4g -> %.4g, %d of %d initializers updated",
         steps, time.perf_counter() - t0, initial, final, updated, len(mapping),
