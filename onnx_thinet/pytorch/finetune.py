@@ -106,12 +106,12 @@ class _Checkpoint:
 
     @classmethod
     def for_run(
-        cls, directory: str | Path, student: Path, teacher: Path, data: Path, batch_size: int, seed: int
+        cls, directory: str | Path, files: tuple[Path, Path, Path], batch_size: int, seed: int
     ) -> _Checkpoint:
-        """A run is resumed only with the same files (by content), batch size and seed."""
-        fingerprint = {"student": file_digest(student), "teacher": file_digest(teacher),
-                       "data": file_digest(data), "batch_size": batch_size, "seed": seed}
-        return cls(Path(directory) / CHECKPOINT_NAME, fingerprint)
+        """A run is resumed only with the same student, teacher and data (by content),
+        batch size and seed."""
+        digests = dict(zip(("student", "teacher", "data"), map(file_digest, files)))
+        return cls(Path(directory) / CHECKPOINT_NAME, digests | {"batch_size": batch_size, "seed": seed})
 
     def save(self, torch: Any, state: dict[str, Any]) -> None:
         """Atomic torch.save: an interrupted save never corrupts the last good checkpoint."""
@@ -222,13 +222,13 @@ def finetune(
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     per_epoch = steps_per_epoch(len(x), batch_size)
     total = min(epochs * per_epoch, max_steps or epochs * per_epoch)
-    probe_x = x[:_PROBE]
-    probe_t = teacher(probe_x)
+    probe_x, probe_t = x[:_PROBE], teacher(x[:_PROBE])
     initial = probe_loss(torch, module, probe_x, probe_t, None, temperature, dev, len(probe_x))
     run = _RunState(epochs, total, per_epoch, initial)
     ckpt = None
     if checkpoint_dir is not None:
-        ckpt = _Checkpoint.for_run(checkpoint_dir, student_path, Path(teacher_onnx), Path(data), batch_size, seed)
+        files = (student_path, Path(teacher_onnx), Path(data))
+        ckpt = _Checkpoint.for_run(checkpoint_dir, files, batch_size, seed)
         if resume and ckpt.path.is_file():
             _resume(torch, ckpt, module, optimizer, run)
     resumed_from = run.start_epoch
