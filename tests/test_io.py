@@ -63,6 +63,14 @@ def test_atomic_write_leaves_nothing_on_failure_and_keeps_the_old_file(tmp_path)
     assert not (tmp_path / "new.onnx").exists() and _leftovers(tmp_path) == []
 
 
+def test_a_failed_save_leaves_what_was_there(tmp_path):
+    (tmp_path / "m.onnx").mkdir()  # the rename onto a directory fails after the bytes are written
+    (tmp_path / "m.onnx" / "keep").write_text("x")
+    with pytest.raises(OSError):
+        save_model_atomic(_scaled(), tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx" / "keep").read_text() == "x" and _leftovers(tmp_path) == []
+
+
 def test_save_then_load_round_trips_and_leaves_no_temp_files(tmp_path):
     model = _scaled()
     size = save_model_atomic(model, tmp_path / "sub" / "m.onnx")
