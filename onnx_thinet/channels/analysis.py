@@ -26,7 +26,7 @@ from onnx_thinet.channels.rules import (
     Step,
     Through,
 )
-from onnx_thinet.io.graph import GraphIndex, infer_shapes
+from onnx_thinet.io.graph import GraphIndex, infer_shapes, opset_version
 from onnx_thinet.ops import channel_rule, traversal
 
 __all__ = ["Analysis", "analyze", "opset_version"]
@@ -41,13 +41,6 @@ class Analysis:
     groups: tuple[ChannelGroup, ...]
     coupled: tuple[Coupled, ...]
     skipped: tuple[Skipped, ...]
-
-
-def opset_version(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    return 1
 
 
 def analyze(model: onnx.ModelProto, prune_coupled: bool = False) -> Analysis:
