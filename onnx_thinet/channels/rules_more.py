@@ -1,4 +1,5 @@
-"""Channel rules for patterns of feature-pyramid and decoder graphs (issue 12).
+"""Channel rules for patterns of feature-pyramid and decoder graphs (issue 12); registered
+with their ops in `onnx_thinet.ops` (conv.py: ConvTranspose; shapes.py: Shape).
 
 - `ConvTranspose` reads the group's channels as its input channels (weight [C_in, F, k...]).
 - `Shape` of a channel-carrying tensor is safe when the entries it lets through are other
@@ -16,41 +17,41 @@ import onnx
 
 from onnx_thinet.channels.consumers import CONV_TRANSPOSE
 from onnx_thinet.channels.layout import AttrUpdate, Consumer, Layout, ParamSlice, ShapeFix
-from onnx_thinet.channels.rules import Flow, RuleContext, Step, data_rule
+from onnx_thinet.channels.rules import Blocked, Consumed, Flow, RuleContext, Step, Through, on_data
 
-__all__ = ["grouped_conv", "resize_with_runtime_sizes"]
+__all__ = ["conv_transpose_rule", "grouped_conv", "resize_with_runtime_sizes", "shape_rule"]
 
 _PASS_SHAPE = ("Cast", "Identity")
 _MAX_DEPTH = 32
 
 
-@data_rule("ConvTranspose")
-def _conv_transpose(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
+@on_data
+def conv_transpose_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     weight = ctx.const(node, 1)
     if weight is None:
-        return Step(blocked="ConvTranspose weight is not a constant initializer")
+        return Blocked("ConvTranspose weight is not a constant initializer")
     if flow.axis != 1 or ctx.outer(flow) != 1:
-        return Step(blocked="ConvTranspose reads channels on another axis")
+        return Blocked("ConvTranspose reads channels on another axis")
     group = ctx.attr(node, "group", 1)
     if group != 1 and group == ctx.length(flow):
         return _depthwise_transposed(node, flow, weight, group)
     if group != 1:
-        return Step(blocked="grouped ConvTranspose mixes channels within groups")
+        return Blocked("grouped ConvTranspose mixes channels within groups")
     if weight.ndim not in (3, 4):
-        return Step(blocked=f"{weight.ndim - 2}-D ConvTranspose consumers are not supported")
+        return Blocked(f"{weight.ndim - 2}-D ConvTranspose consumers are not supported")
     auto_pad = ctx.attr(node, "auto_pad", b"NOTSET")
     if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
-        return Step(blocked="ConvTranspose with auto_pad is not supported as a consumer")
+        return Blocked("ConvTranspose with auto_pad is not supported as a consumer")
     if ctx.attr(node, "output_shape") is not None or ctx.attr(node, "kernel_shape") is None:
-        return Step(blocked="ConvTranspose needs kernel_shape and no output_shape to be a consumer")
+        return Blocked("ConvTranspose needs kernel_shape and no output_shape to be a consumer")
     spatial = weight.ndim - 2
     pads = ctx.attr(node, "pads", [0] * (2 * spatial))
     dilations = ctx.attr(node, "dilations", [1] * spatial)
     reach = [d * (k - 1) for d, k in zip(dilations, weight.shape[2:])]
     if any(p > r for p, r in zip(pads, reach * 2)):
-        return Step(blocked="ConvTranspose pads exceed its kernel reach")
+        return Blocked("ConvTranspose pads exceed its kernel reach")
     cut = ParamSlice(node.name, 1, 0, flow.layout)
-    return Step(consumer=Consumer(node.name, CONV_TRANSPOSE, flow.tensor, cut))
+    return Consumed(Consumer(node.name, CONV_TRANSPOSE, flow.tensor, cut))
 
 
 def _depthwise_transposed(node: onnx.NodeProto, flow: Flow, weight, group: int) -> Step:
@@ -58,24 +59,23 @@ def _depthwise_transposed(node: onnx.NodeProto, flow: Flow, weight, group: int) 
     channels along: its weight [C, m, k...] loses rows, its outputs come m per channel."""
     multiplier = int(weight.shape[1])
     out_layout = Layout(flow.layout.segments, flow.layout.total, flow.layout.inner * multiplier)
-    step = Step(outputs=[Flow(node.output[0], 1, out_layout)])
-    step.slices.append(ParamSlice(node.name, 1, 0, flow.layout))
+    slices = [ParamSlice(node.name, 1, 0, flow.layout)]
     if len(node.input) > 2 and node.input[2]:
-        step.slices.append(ParamSlice(node.name, 2, 0, out_layout))
-    step.attr_updates.append(AttrUpdate(node.name, "group", flow.layout, group))
-    return step
+        slices.append(ParamSlice(node.name, 2, 0, out_layout))
+    return Through((Flow(node.output[0], 1, out_layout),), tuple(slices),
+                   (AttrUpdate(node.name, "group", flow.layout, group),))
 
 
-@data_rule("Shape")
-def _shape(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
+@on_data
+def shape_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     rank = ctx.index.rank(flow.tensor)
     if rank is None:
-        return Step(blocked="Shape of a tensor of unknown rank")
+        return Blocked("Shape of a tensor of unknown rank")
     start, end = (_clamped(ctx.attr(node, key, default), rank) for key, default in (("start", 0), ("end", rank)))
     if not start <= flow.axis < end:
-        return Step()
+        return Through(())
     problem = _entry_use(ctx, node.output[0], flow.axis - start, node.input[0], flow.axis, 0)
-    return Step() if problem is None else Step(blocked=problem)
+    return Through(()) if problem is None else Blocked(problem)
 
 
 def _clamped(position: int, rank: int) -> int:
@@ -155,18 +155,17 @@ def _picked(ctx: RuleContext, node: onnx.NodeProto, op: str, length: int | None)
 def resize_with_runtime_sizes(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     """A Resize whose sizes are computed: safe when the channel entry is the input's own
     Shape entry (follows the cut by itself) or a constant piece of a Concat (shrunk)."""
-    same = Step(outputs=[Flow(node.output[0], flow.axis, flow.layout)])
+    outputs = (Flow(node.output[0], flow.axis, flow.layout),)
     found = _sizes_entry(ctx, node.input[3], flow.axis, 0)
     if found is None:
-        return Step(blocked="Resize output sizes are computed at run time from elsewhere")
+        return Blocked("Resize output sizes are computed at run time from elsewhere")
     kind, where = found
     if kind == "shape" and where == (node.input[0], flow.axis):
-        return same
+        return Through(outputs)
     if kind == "const":
         concat, k, position = where
-        same.shape_fixes.append(ShapeFix(concat, k, position, flow.layout, ctx.length(flow)))
-        return same
-    return Step(blocked="Resize sizes take the channel count from another tensor")
+        return Through(outputs, shape_fixes=(ShapeFix(concat, k, position, flow.layout, ctx.length(flow)),))
+    return Blocked("Resize sizes take the channel count from another tensor")
 
 
 def _sizes_entry(ctx: RuleContext, tensor: str, entry: int, depth: int):
@@ -205,12 +204,11 @@ def grouped_conv(ctx: RuleContext, node: onnx.NodeProto, flow: Flow, weight, gro
     the group's layout spans whole input groups (the producer is then cut by groups)."""
     per_group = int(weight.shape[1])
     if in_channels != group * per_group or flow.layout.inner % per_group or ctx.outer(flow) != 1:
-        return Step(blocked=f"grouped Conv (group={group}) mixes channels within groups")
+        return Blocked(f"grouped Conv (group={group}) mixes channels within groups")
     out_inner = flow.layout.inner // per_group * (weight.shape[0] // group)
     out_layout = Layout(flow.layout.segments, flow.layout.total, out_inner)
-    step = Step(outputs=[Flow(node.output[0], 1, out_layout)])
-    step.slices.append(ParamSlice(node.name, 1, 0, out_layout))
+    slices = [ParamSlice(node.name, 1, 0, out_layout)]
     if len(node.input) > 2 and node.input[2]:
-        step.slices.append(ParamSlice(node.name, 2, 0, out_layout))
-    step.attr_updates.append(AttrUpdate(node.name, "group", flow.layout, in_channels, per_group))
-    return step
+        slices.append(ParamSlice(node.name, 2, 0, out_layout))
+    return Through((Flow(node.output[0], 1, out_layout),), tuple(slices),
+                   (AttrUpdate(node.name, "group", flow.layout, in_channels, per_group),))

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_thinet.io.graph import GraphIndex, static_input_shapes
+from onnx_thinet.io.graph import GraphIndex, graph_inputs, static_input_shapes
 
 __all__ = ["LayerCost", "cost_input_shapes", "count_params", "layer_costs", "total_flops"]
 
@@ -115,12 +115,8 @@ def _fill_runtime_shapes(model: onnx.ModelProto, index: GraphIndex, nodes, shape
                       if not _static(index.shapes.get(name)) and name not in index.initializers})
     if not missing:
         return
-    from onnx_thinet.calibration.runtime import (
-        ONNX_TO_NUMPY,
-        graph_inputs,
-        run_model,
-        truncated_model,
-    )
+    from onnx_thinet.calibration.runtime import run_model, truncated_model
+    from onnx_thinet.io.feeds import ONNX_TO_NUMPY
 
     try:
         feeds = {i.name: np.zeros(shapes[i.name], ONNX_TO_NUMPY.get(i.type.tensor_type.elem_type, np.float32))
