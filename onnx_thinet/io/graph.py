@@ -105,10 +105,11 @@ def opset_version(model: onnx.ModelProto) -> int:
     return DEFAULT_OPSET
 
 
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+def graph_inputs(model: onnx.ModelProto | onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     """Inputs that the caller feeds (older exporters also list initializers as inputs)."""
-    init_names = {i.name for i in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in init_names]
+    graph = model.graph if isinstance(model, onnx.ModelProto) else model
+    init_names = {i.name for i in graph.initializer}
+    return [i for i in graph.input if i.name not in init_names]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -31,11 +31,11 @@ from onnx_thinet.check.measure import max_relative_error
 from onnx_thinet.errors import InternalError, ThinetError
 from onnx_thinet.io.feeds import dummy_feeds
 from onnx_thinet.io.files import atomic_write
-from onnx_thinet.io.graph import opset_version
+from onnx_thinet.io.graph import graph_inputs, load_model, opset_version
 from onnx_thinet.ops import translatable_ops
 from onnx_thinet.pytorch.codegen import Codegen, InitSource
 from onnx_thinet.pytorch.render import render
-from onnx_thinet.pytorch.source import real_inputs, vi_dims
+from onnx_thinet.pytorch.source import vi_dims
 
 __all__ = [
     "SUPPORTED_OPS",
@@ -72,19 +72,6 @@ def require_torch() -> Any:
     return torch
 
 
-def _load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load an ONNX file, turning every failure into one readable line. Not io's checked
-    loader: export-torch accepts graphs the checker's full shape rules reject (outputs
-    without a declared shape), and checks the translation against onnxruntime instead."""
-    p = Path(path)
-    if not p.is_file():
-        raise ThinetError(f"ONNX model not found: {p}")
-    try:
-        return onnx.load(str(p))
-    except Exception as exc:  # protobuf DecodeError, OSError, ...
-        raise ThinetError(f"{p} is not a readable ONNX model: {exc}") from exc
-
-
 @dataclass(frozen=True)
 class TorchExport:
     """What ``export_torch_model`` wrote, plus the parameter -> initializer map.
@@ -105,7 +92,7 @@ def export_torch(onnx_path: str | Path, out_dir: str | Path, *, verify: bool = T
     if they differ nothing is written and the measured error is raised.
     """
     src = Path(onnx_path)
-    return export_torch_model(_load_onnx(src), out_dir, source=src.name, verify=verify).model_py
+    return export_torch_model(load_model(src), out_dir, source=src.name, verify=verify).model_py
 
 
 def export_torch_model(
@@ -234,7 +221,7 @@ _TORCH_FROM_ONNX = {
 def _dummy_inputs(torch: Any, ref: onnx.ModelProto, device: Any) -> tuple[Any, ...]:
     """Example inputs for tracing: reference shapes, symbolic batch -> 2, other symbolic -> 32."""
     out = []
-    for vi in real_inputs(ref.graph):
+    for vi in graph_inputs(ref.graph):
         dims = vi_dims(vi)
         if dims is None:
             raise ThinetError(f"reference input '{vi.name}' has no shape; pass example_inputs")
@@ -264,7 +251,7 @@ def _fit_batch(example: Any, vi: onnx.ValueInfoProto) -> Any:
 def _dynamic_axes(ref: onnx.ModelProto) -> dict[str, dict[int, str]]:
     """Dims that are symbolic or unknown in the reference inputs/outputs stay dynamic."""
     axes: dict[str, dict[int, str]] = {}
-    for vi in list(real_inputs(ref.graph)) + list(ref.graph.output):
+    for vi in list(graph_inputs(ref.graph)) + list(ref.graph.output):
         dims = vi_dims(vi)
         if not dims:
             continue
@@ -293,8 +280,8 @@ def to_onnx(
     a half-written model behind.
     """
     torch = require_torch()
-    ref = _load_onnx(reference_onnx)
-    in_names = [vi.name for vi in real_inputs(ref.graph)]
+    ref = load_model(reference_onnx)
+    in_names = [vi.name for vi in graph_inputs(ref.graph)]
     args = _example_args(torch, module, ref, example_inputs)
     if len(args) != len(in_names):
         raise ThinetError(f"the reference model has {len(in_names)} inputs, got {len(args)} examples")
@@ -328,13 +315,13 @@ def _example_args(torch: Any, module: Any, ref: onnx.ModelProto, examples: Seque
         return _dummy_inputs(torch, ref, device)
     return tuple(
         _fit_batch(torch.as_tensor(a).to(device), vi)
-        for a, vi in zip(examples, real_inputs(ref.graph), strict=False)
+        for a, vi in zip(examples, graph_inputs(ref.graph), strict=False)
     )
 
 
 def _export_renamed(torch: Any, module: Any, args: tuple, ref: onnx.ModelProto, path: Path) -> None:
     """Trace under placeholder names, then give inputs and outputs the reference's names."""
-    in_names = [vi.name for vi in real_inputs(ref.graph)]
+    in_names = [vi.name for vi in graph_inputs(ref.graph)]
     out_names = [o.name for o in ref.graph.output]
     names = {f"onnx_thinet_input_{i}": n for i, n in enumerate(in_names)}
     names.update({f"onnx_thinet_output_{i}": n for i, n in enumerate(out_names)})
