@@ -15,8 +15,8 @@ import onnx
 
 from onnx_thinet.channels.layout import ShapeFix
 from onnx_thinet.channels.rules import Blocked, Flow, Through, on_data, same
-from onnx_thinet.channels.rules_more import resize_with_runtime_sizes
 from onnx_thinet.ops.registry import register
+from onnx_thinet.ops.shapes import resize_with_runtime_sizes
 from onnx_thinet.pytorch.source import attrs, flit, node_base
 
 if TYPE_CHECKING:
