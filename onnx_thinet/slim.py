@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from onnx_thinet.calibration.collect import ConsumerStats, channel_statistics, refit_statistics
+from onnx_thinet.calibration.runtime import session_providers
 from onnx_thinet.calibration.plan import MemoryPlan, machine_memory, plan_memory
 from onnx_thinet.calibration.segments import Batching, SegmentRunner, fixed_batch
 from onnx_thinet.calibration.store import ActivationStore
@@ -132,6 +133,7 @@ class SlimResult:
     config: SlimConfig = field(default_factory=SlimConfig)
     profile: dict[str, float] = field(default_factory=dict)  # where calibration time went
     memory: MemoryPlan | None = None
+    providers: tuple[str, ...] = ()  # onnxruntime execution providers the calibration ran on
 
     def report(self) -> dict:
         """The JSON report (`--report`); its keys are a contract relied on by scripts."""
@@ -160,6 +162,7 @@ class SlimResult:
             "config": asdict(self.config),
             "profile": {k: round(v, 3) for k, v in self.profile.items()},
             "memory_plan": None if self.memory is None else asdict(self.memory),
+            "providers": list(self.providers),
         }
 
 
@@ -240,6 +243,7 @@ def slim(
     groups = _chosen_groups(analysis, config.only)
     train, held = split_holdout(len(data), config.holdout, config.seed)
     plan = _memory_plan(canonical, groups, len(train), config)
+    providers = tuple(session_providers(config.device))
     waves = schedule_waves(canonical, groups)
     clock = time.perf_counter()
     profile: dict[str, float] = {}
@@ -269,6 +273,7 @@ def slim(
         config=config,
         profile=profile,
         memory=plan,
+        providers=providers,
     )
 
 
