@@ -256,7 +256,8 @@ def slim(
     clock = time.perf_counter()
     current = _finalize(current, model)
     check_model(current)
-    comparison = compare_outputs(model, current, data, held, plan.batch_size, config.device)
+    comparison = compare_outputs(model, current, data, held, fixed_batch(canonical) or plan.batch_size,
+                                 config.device)
     shapes = _sample_shapes(data)
     timings["verification"] = time.perf_counter() - clock
     return SlimResult(
@@ -287,8 +288,7 @@ class _Engine:
     """The pruned copy and the original, each run segment by segment over stored activations."""
 
     def __init__(self, canonical, data, train, config: SlimConfig, plan: MemoryPlan, profile):
-        fixed = fixed_batch(canonical)
-        self.batching = Batching(train, plan.batch_size, fixed=fixed is not None)
+        self.batching = Batching(train, plan.batch_size, run_size=fixed_batch(canonical))
         self.store = ActivationStore(self.batching.count, plan.store_ram)
         self.reference_model = canonical
         self.current = SegmentRunner(data, self.batching, self.store, config.device, profile)

@@ -82,12 +82,9 @@ def plan_memory(model: onnx.ModelProto, groups: Sequence[ChannelGroup], images: 
             f"activations of {smallest} image(s) {_mb(per_image * smallest)}); "
             "raise --max-memory or slim a smaller model")
     room = budget - weights - statistics
-    if fixed_batch:
-        batch = fixed_batch
-    else:
-        batch = max(1, min(batch_size, room // max(per_image, 1)))
+    batch = max(smallest, min(batch_size, room // max(per_image, 1)))
     store_ram = max(0, (room - batch * per_image) // 2)
-    if batch < batch_size and not fixed_batch:
+    if batch < batch_size:
         logger.info("batches of %d images to stay within --max-memory %s", batch, _mb(budget))
     return MemoryPlan(budget, weights, statistics, layer, per_image, int(batch), int(store_ram))
 

@@ -30,11 +30,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Batching:
-    """Calibration images `indices` cut into batches of `size` (the model may fix the size)."""
+    """Calibration images `indices` cut into batches of `size`, run `run_size` at a time.
+
+    A model with a fixed batch dimension runs pieces of exactly `run_size` images (the last one
+    padded); statistics still see batches of `size`, so a batch-1 model costs no more Python.
+    """
 
     indices: np.ndarray
     size: int
-    fixed: bool = False  # the model accepts only batches of exactly `size`
+    run_size: int | None = None  # the model's fixed batch; None: any
 
     @property
     def count(self) -> int:
@@ -135,13 +139,19 @@ class SegmentRunner:
         return {k: v for k, v in feeds.items() if k in inputs}
 
     def _run(self, session, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run one batch; a model with a fixed batch gets a short last batch padded, then cut."""
+        """Run one batch; a model with a fixed batch runs it in pieces, the last one padded."""
         rows = len(next(iter(feeds.values())))
-        if not self.batching.fixed or rows == self.batching.size:
+        step = self.batching.run_size
+        if step is None or rows == step:
             return session.run(outputs, feeds)
-        pad = self.batching.size - rows
-        padded = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feeds.items()}
-        return [value[:rows] for value in session.run(outputs, padded)]
+        pieces = []
+        for start in range(0, rows, step):
+            piece = {k: v[start : start + step] for k, v in feeds.items()}
+            short = step - len(next(iter(piece.values())))
+            if short:
+                piece = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in piece.items()}
+            pieces.append([value[: step - short] for value in session.run(outputs, piece)])
+        return [np.concatenate(parts) for parts in zip(*pieces)]
 
 
 class _Graph:
