@@ -342,7 +342,7 @@ def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_prog
         applied = _prune_wave(engine, current, wave, config, rng, kept_outputs, advance, results)
         clock = time.perf_counter()
         current = infer_shapes(current)
-        _forget_changed(engine, current, applied)
+        _forget_changed(engine, current, applied, _touched(g for later in waves[pass_index + 1:] for g in later))
         _add_time(engine.profile, "rewrite", clock)
         if config.finetune_steps:
             current = _finetune_between_passes(current, engine.reference_model, config, pass_index)
@@ -402,23 +402,30 @@ def _consumer_input_deletions(engine: _Engine, group: ChannelGroup, kept) -> dic
     return deletions
 
 
-def _forget_changed(engine: _Engine, current, applied) -> None:
+def _touched(groups) -> set[str]:
+    """Nodes that pruning `groups` rewrites: producers, sliced nodes and consumers."""
+    nodes: set[str] = set()
+    for group in groups:
+        nodes |= set(group.producers) | {group.producer} | {s.node for s in group.slices}
+        nodes |= {a.node for a in group.attr_updates} | {f.node for f in group.shape_fixes}
+        nodes |= {c.node for c in group.consumers}
+    return nodes
+
+
+def _forget_changed(engine: _Engine, current, applied, future: set[str]) -> None:
     """Drop stored tensors that the cuts changed; consumer inputs lose the removed positions."""
-    changed: set[str] = set()
-    consumers: set[str] = set()
+    changed = _touched(group for group, _ in applied)
+    consumers = {c.node for group, _ in applied for c in group.consumers}
     deletions: dict[str, tuple[int, np.ndarray]] = {}
     seen: set[str] = set()
-    for group, group_deletions in applied:
-        consumers |= {c.node for c in group.consumers}
-        changed |= set(group.producers) | {group.producer} | {s.node for s in group.slices}
-        changed |= {a.node for a in group.attr_updates} | {f.node for f in group.shape_fixes}
+    for _, group_deletions in applied:
         for name, value in group_deletions.items():
             if name in seen:  # two groups reach one tensor: recompute it
                 deletions.pop(name, None)
             else:
                 deletions[name] = value
             seen.add(name)
-    engine.current.invalidate(current, changed | consumers, deletions, exact=consumers)
+    engine.current.invalidate(current, changed, deletions, exact=consumers, future=future)
     if engine.reference is not None:
         engine.reference.prune(engine.reference_model)
 

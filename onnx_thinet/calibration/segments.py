@@ -97,16 +97,23 @@ class SegmentRunner:
     def get(self, name: str, batch: int) -> np.ndarray:
         return self.store.get(name, batch)
 
-    def prune(self, model: onnx.ModelProto, keep_also: Iterable[str] = ()) -> None:
-        """Drop stored tensors that no later computation needs (call between passes)."""
+    def prune(self, model: onnx.ModelProto, future: Iterable[str] = ()) -> None:
+        """Drop stored tensors that no later computation needs (call between passes).
+
+        Stored tensors downstream of `future` nodes (to be cut by later passes) will be
+        recomputed, so what they are computed from is kept too (a U-Net's skip tensors).
+        """
         graph = _Graph(model)
-        keep = graph.cut(self._available(graph)) | set(keep_also)
+        available = self._available(graph)
+        unstable = graph.downstream_tensors(future)
+        keep = graph.cut(available) | graph.cut(available - unstable)
         for name in self.store.names():
             if name not in keep:
                 self.store.drop(name)
 
     def invalidate(self, model: onnx.ModelProto, changed: Iterable[str],
-                   deletions: dict[str, tuple[int, np.ndarray]], exact: Iterable[str] = ()) -> None:
+                   deletions: dict[str, tuple[int, np.ndarray]], exact: Iterable[str] = (),
+                   future: Iterable[str] = ()) -> None:
         """Forget what depends on the `changed` nodes of the (pruned) `model`.
 
         `deletions[tensor] = (axis, positions)` marks a consumer input whose stored values stay
@@ -124,7 +131,7 @@ class SegmentRunner:
                 self.store.delete_positions(name, axis, positions)
             else:
                 self.store.drop(name)
-        self.prune(model)
+        self.prune(model, future)
 
     def _available(self, graph: _Graph) -> set[str]:
         return {name for name in self.store.names() if name in self.store} | set(graph.inputs)
