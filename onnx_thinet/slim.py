@@ -81,7 +81,7 @@ class SlimConfig:
     only: tuple[str, ...] | None = None  # prune just these producers (the others are kept)
     finetune_data: str | None = None  # layer-by-layer schedule: fine-tune after each pass
     finetune_steps: int = 0
-    max_memory: int | None = None  # bytes; None: 80% of the memory available when the run starts
+    max_memory: int | None = None  # bytes; None: 80% of the memory available, at most 4 GB
 
     def validate(self) -> None:
         if not 0.0 < self.keep_ratio <= 1.0:
@@ -289,11 +289,11 @@ class _Engine:
 
     def __init__(self, canonical, data, train, config: SlimConfig, plan: MemoryPlan, profile):
         self.batching = Batching(train, plan.batch_size, run_size=fixed_batch(canonical))
-        self.store = ActivationStore(self.batching.count, plan.store_ram)
+        self.store = ActivationStore(self.batching.count, plan.store_ram // 2)
         self.reference_model = canonical
         self.current = SegmentRunner(data, self.batching, self.store, config.device, profile)
         # the reference's tensors share names with the pruned copy's: a store of their own
-        self.ref_store = ActivationStore(self.batching.count, plan.store_ram)
+        self.ref_store = ActivationStore(self.batching.count, plan.store_ram // 2)
         self.reference = (SegmentRunner(data, self.batching, self.ref_store, config.device, profile)
                           if config.correct else None)
         self.profile = profile

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_COPIES = 4  # original, reference, pruned copy, and the onnxruntime session's weights
 ACTIVATION_COPIES = 6  # a batch's inputs, outputs, the reference's, and onnxruntime's buffers
+DEFAULT_CAP = 4 * 2**30  # the default budget: what the run needs, not what the machine has
+STORE_CAP = 2**30  # stored activations beyond this go to disk, whatever the budget
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -57,14 +59,14 @@ def parse_size(text: str) -> int:
 
 
 def machine_memory() -> int:
-    """80% of the memory available now (/proc/meminfo MemAvailable), else of physical memory."""
+    """80% of the memory available now (/proc/meminfo MemAvailable, else physical), at most 4 GB."""
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f if ":" in line)
         available = int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(available * 0.8)
+    return int(min(available * 0.8, DEFAULT_CAP))
 
 
 def plan_memory(model: onnx.ModelProto, groups: Sequence[ChannelGroup], images: int, batch_size: int,
@@ -83,7 +85,7 @@ def plan_memory(model: onnx.ModelProto, groups: Sequence[ChannelGroup], images: 
             "raise --max-memory or slim a smaller model")
     room = budget - weights - statistics
     batch = max(smallest, min(batch_size, room // max(per_image, 1)))
-    store_ram = max(0, (room - batch * per_image) // 2)
+    store_ram = min(max(0, (room - batch * per_image) // 2), STORE_CAP)
     if batch < batch_size:
         logger.info("batches of %d images to stay within --max-memory %s", batch, _mb(budget))
     return MemoryPlan(budget, weights, statistics, layer, per_image, int(batch), int(store_ram))

@@ -82,7 +82,7 @@ def slim_command(
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Prune only this producer (repeatable; names as `inspect` shows them).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress (bar, or one line per pass when stderr is not a terminal) and no table.")] = False,
-    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory the run may use, e.g. 4G or 512M; batches shrink and activations go to disk to fit, and a run that cannot fit is refused [default: 80% of available memory].")] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory the run may use, e.g. 4G or 512M; batches shrink and activations go to disk to fit, and a run that cannot fit is refused [default: 80% of available memory, at most 4G].")] = None,
 ) -> None:
     """Prune filters with ThiNet and write a thinner, verified ONNX model."""
     config = SlimConfig(
