@@ -110,7 +110,7 @@ def test_kept_rows_give_the_moment_solution_when_rows_are_fewer_than_inputs():
 def test_a_budget_below_one_image_is_refused_before_any_work():
     model, _ = builders.conv_chain()
     data = ArrayData({"x": builders.calibration(model, n=16)})
-    with pytest.raises(ThinetError, match="--max-memory"):
+    with pytest.raises(ThinetError, match="max_memory"):
         slim(model, data, SlimConfig(max_memory=10_000))
 
 

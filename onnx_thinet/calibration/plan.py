@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnx_thinet.calibration.runtime import ONNX_TO_NUMPY
+from onnx_thinet.io.feeds import ONNX_TO_NUMPY
 from onnx_thinet.channels.layout import ChannelGroup
 from onnx_thinet.errors import ThinetError
 
@@ -54,7 +54,8 @@ def parse_size(text: str) -> int:
     """`4G`, `512M`, `1.5GB`, `2000000000` → bytes (powers of 1024 for the units)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
     if not match:
-        raise ThinetError(f"--max-memory: cannot read {text!r} (use e.g. 4G, 512M or a byte count)")
+        raise ThinetError(f"max_memory: cannot read {text!r} (use e.g. 4G, 512M or a byte count)",
+                          params=("max_memory",))
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
@@ -79,10 +80,10 @@ def plan_memory(model: onnx.ModelProto, groups: Sequence[ChannelGroup], images: 
     need = weights + statistics + per_image * smallest
     if need > budget:
         raise ThinetError(
-            f"--max-memory {_mb(budget)}: slimming needs at least {_mb(need)} "
+            f"max_memory {_mb(budget)}: slimming needs at least {_mb(need)} "
             f"(weights {_mb(weights)}, statistics of {layer} {_mb(statistics)}, "
             f"activations of {smallest} image(s) {_mb(per_image * smallest)}); "
-            "raise --max-memory or slim a smaller model")
+            "raise max_memory or slim a smaller model", params=("max_memory",))
     room = budget - weights - statistics
     batch = max(smallest, min(batch_size, room // max(per_image, 1)))
     store_ram = min(max(0, (room - batch * per_image) // 2), STORE_CAP)

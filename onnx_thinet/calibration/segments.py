@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_thinet.calibration.runtime import graph_inputs, make_session
+from onnx_thinet.calibration.runtime import make_session
+from onnx_thinet.io.graph import graph_inputs
 from onnx_thinet.calibration.store import ActivationStore
 from onnx_thinet.io.data import CalibrationData
 

@@ -78,7 +78,7 @@ def select_channels(method: str, group: ChannelGroup, stats: Mapping[str, Consum
                     filter_l1: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The `keep` input channels `method` picks (several consumers: their samples stacked)."""
     if method not in METHODS:
-        raise ThinetError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
+        raise ThinetError(f"method must be one of {', '.join(METHODS)} (got {method!r})", params=("method",))
     total = reduce(ConsumerStats.merged, stats.values())
     return _select(method, total, keep, filter_l1, rng)
 
@@ -88,7 +88,7 @@ def reconstruct_channels(reconstruct: str, group: ChannelGroup, stats: Mapping[s
     """Reconstruct the consumers on `kept`: `none` slices, `scale` fits one factor per kept
     channel, `full` re-fits every consumer weight and bias (needs their RefitStats)."""
     if reconstruct not in RECONSTRUCTIONS:
-        raise ThinetError(f"--reconstruct must be one of {', '.join(RECONSTRUCTIONS)}")
+        raise ThinetError(f"reconstruct must be one of {', '.join(RECONSTRUCTIONS)}", params=("reconstruct",))
     ones = np.ones(len(kept))
     before = _stacked_error(stats, kept, {name: ones for name in stats})
     if reconstruct == "none":
