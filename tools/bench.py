@@ -216,8 +216,10 @@ def _slim_child(model_path: Path, calib_path: Path, report: Path, memory_limit: 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     peak = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK_KB")]
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
     if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1], "seconds": round(seconds, 1)}
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1], "warnings": warnings,
+                "seconds": round(seconds, 1)}
     content = json.loads(report.read_text())
     return {"seconds": round(seconds, 1), "peak_rss_mb": round(int(peak[0]) / 1024) if peak else None,
             "report": content}
@@ -256,7 +258,7 @@ def bench_scale(images: list[int], size: int, models: list[str], memory_limit: i
 def _scale_row(name: str, images: int, forward: float, result: dict) -> dict:
     row = {"model": name, "images": images, "forward_s": round(forward, 2)}
     if "error" in result:
-        return row | {"slim_s": result["seconds"], "error": result["error"]}
+        return row | {"slim_s": result["seconds"], "error": result["error"], "warnings": result["warnings"]}
     report = result["report"]
     calibration = report["timings"].get("calibration", 0.0)
     return row | {
