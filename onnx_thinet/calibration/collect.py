@@ -238,12 +238,14 @@ def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight,
     """Sample kept consumer inputs `x` at random places; targets are all outputs there."""
     if consumer.kind == "conv":
         inputs, targets, image = _conv_refit_rows(node, x, ref_x, weight, bias, images, rng)
-        prior = np.delete(weight, lost, axis=1)
-        prior = prior.reshape(prior.shape[0], -1).T
     else:
         inputs, targets, image = _linear_refit_rows(x, ref_x, weight, bias)
-        prior = np.delete(weight, lost, axis=0)
-    if entry.refit is None:
+    if entry.refit is None:  # the prior (a copy of the kept weight) only once
+        if consumer.kind == "conv":
+            prior = np.delete(weight, lost, axis=1)
+            prior = prior.reshape(prior.shape[0], -1).T
+        else:
+            prior = np.delete(weight, lost, axis=0)
         in_channels = x.shape[1 if consumer.kind == "conv" else -1]
         rows = _refit_rows_expected(consumer, inputs.shape[1], len(inputs), images, x.shape[0])
         entry.refit = RefitStats(inputs.shape[1], targets.shape[1], in_channels, prior.astype(np.float64),

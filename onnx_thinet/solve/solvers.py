@@ -207,11 +207,18 @@ def _dual_problem(m: FitSamples, columns: np.ndarray, intercept: bool, prior: np
     mean_p = p.mean(axis=0) if intercept and len(p) else np.zeros(p.shape[1])
     mean_t = t.mean(axis=0) if intercept and len(t) else np.zeros(t.shape[1])
     pc, tc = p - mean_p, t - mean_t
-    base = np.zeros((p.shape[1], t.shape[1])) if prior is None else prior[columns]
+    base = np.zeros((p.shape[1], t.shape[1])) if prior is None else _rows(prior, columns)
     residual = tc - pc @ base
     values, vectors = linalg.eigh(pc @ pc.T)
     mean_var = max(float(np.sum(pc * pc)) / max(len(columns), 1), 1e-30)
     return pc, residual, values, vectors, mean_p, mean_t, base, mean_var
+
+
+def _rows(matrix: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """matrix[columns] without a copy when the columns are all rows in order (a wide FC prior)."""
+    if len(columns) == len(matrix) and np.array_equal(columns, np.arange(len(matrix))):
+        return matrix
+    return matrix[columns]
 
 
 def _dual_gain(values: np.ndarray, ridge: float, mean_var: float) -> np.ndarray:
