@@ -167,7 +167,7 @@ def _add_channel_samples(entry: ConsumerStats, channels: int, consumer: Consumer
     """Sampled per-channel contributions x̂ and the target ŷ of one consumer on one batch."""
     sampler = _sampler(consumer, node, x.shape, weight, count, rng)
     contrib = sampler(x, weight)
-    axis = 1 if consumer.kind == "conv" else x.ndim - 1
+    axis = consumer.kind.channel_axis(x.ndim)
     indicator = channel_indicator(consumer.weight.layout, channels, x.shape[axis])
     per_channel = contrib @ indicator
     # The target is the group's share of the output; other inputs of the consumer
@@ -211,7 +211,7 @@ def refit_statistics(
         for consumer in consumers:
             x = current.get(consumer.input, batch)
             ref_x = source.get(consumer.input, batch) if reference is not None else x
-            axis = 1 if consumer.kind == "conv" else x.ndim - 1
+            axis = consumer.kind.channel_axis(x.ndim)
             lost = removed_positions(consumer.weight.layout, kept, group.channels, x.shape[axis])
             _add_refit(stats[consumer.node], consumer, nodes[consumer.node], np.delete(x, lost, axis=axis),
                        ref_x, weights[consumer.node], biases[consumer.node], lost, images, rng, first)
@@ -224,10 +224,12 @@ def _reference_weights(model, consumers, kept_outputs) -> dict[str, np.ndarray]:
 
 def _sampler(consumer: Consumer, node, x_shape, weight, count: int, rng):
     """Draw sample positions once; the returned function evaluates them on any (x, weight)."""
-    if consumer.kind == "conv":
-        geometry = _conv_geometry(node, x_shape, weight.shape)
+    if consumer.kind.windowed:
+        view = _conv_view(consumer, node)
+        conv_node, shape = view.node, view.shape(x_shape)
+        geometry = _conv_geometry(conv_node, shape, weight.shape)
         positions = conv_positions(x_shape[0], weight.shape[0], geometry, count, rng)
-        return lambda x, w: conv_contributions(x, w, geometry, positions)
+        return lambda x, w: conv_contributions(view.input(x), w, geometry, positions)
     rows = int(np.prod(x_shape[:-1], dtype=np.int64))
     positions = linear_positions(rows, weight.shape[1], count, rng)
     return lambda x, w: linear_contributions(x, w, positions)
@@ -236,17 +238,19 @@ def _sampler(consumer: Consumer, node, x_shape, weight, count: int, rng):
 def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight, bias, lost,
                images: int, rng, first_image: int) -> None:
     """Sample kept consumer inputs `x` at random places; targets are all outputs there."""
-    if consumer.kind == "conv":
-        inputs, targets, image = _conv_refit_rows(node, x, ref_x, weight, bias, images, rng)
+    if consumer.kind.windowed:
+        view = _conv_view(consumer, node)
+        inputs, targets, image = _conv_refit_rows(view.node, view.input(x), view.input(ref_x), weight, bias,
+                                                  images, rng)
     else:
         inputs, targets, image = _linear_refit_rows(x, ref_x, weight, bias)
     if entry.refit is None:  # the prior (a copy of the kept weight) only once
-        if consumer.kind == "conv":
+        if consumer.kind.windowed:
             prior = np.delete(weight, lost, axis=1)
             prior = prior.reshape(prior.shape[0], -1).T
         else:
             prior = np.delete(weight, lost, axis=0)
-        in_channels = x.shape[1 if consumer.kind == "conv" else -1]
+        in_channels = x.shape[consumer.kind.channel_axis(x.ndim)]
         rows = _refit_rows_expected(consumer, inputs.shape[1], len(inputs), images, x.shape[0])
         entry.refit = RefitStats(inputs.shape[1], targets.shape[1], in_channels, prior.astype(np.float64),
                                  columns_kept=True, expected_rows=rows)
@@ -278,19 +282,40 @@ def _refit_rows_expected(consumer: Consumer, dims: int, rows: int, images: int, 
     return int(math.ceil(rows / max(batch, 1) * images))
 
 
+@dataclass(frozen=True)
+class _ConvView:
+    """A windowed consumer as the plain Conv it is sampled as (`ConsumerKind.conv_attributes`)."""
+
+    node: onnx.NodeProto
+    consumer: Consumer
+    attrs: dict
+
+    def input(self, x: np.ndarray) -> np.ndarray:
+        return self.consumer.kind.conv_input(x, self.attrs)
+
+    def shape(self, x_shape) -> tuple[int, ...]:
+        probe = np.zeros((1, 1, *x_shape[2:]), np.float32)
+        return (*x_shape[:2], *self.input(probe).shape[2:])
+
+
+def _conv_view(consumer: Consumer, node: onnx.NodeProto) -> _ConvView:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    conv = helper.make_node("Conv", list(node.input), list(node.output),
+                            **consumer.kind.conv_attributes(attrs))
+    return _ConvView(conv, consumer, attrs)
+
+
 def _filters(values, consumer: Consumer, kept: np.ndarray | None, bias: bool = False):
     """The reference's weight or bias restricted to the output filters the consumer still has."""
     if kept is None or np.ndim(values) == 0:
         return values
-    if bias or consumer.kind == "conv":
-        return values[kept]
-    return values[:, kept]
+    return np.take(values, kept, axis=0 if bias else consumer.kind.filter_axis)
 
 
 def _consumer_bias(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray | float:
     """The consumer's additive bias per output (0 when it has none)."""
     node = next(n for n in model.graph.node if n.name == consumer.node)
-    if consumer.kind == "conv" or node.op_type == "Gemm":
+    if consumer.kind.windowed or node.op_type == "Gemm":
         if len(node.input) < 3 or not node.input[2]:
             return 0.0
         tensor = next((t for t in model.graph.initializer if t.name == node.input[2]), None)
@@ -306,11 +331,9 @@ def _consumer_weight(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray:
     node = next(n for n in model.graph.node if n.name == consumer.node)
     name = node.input[consumer.weight.input_index]
     tensor = next(t for t in model.graph.initializer if t.name == name)
-    weight = numpy_helper.to_array(tensor).astype(np.float32)
-    if consumer.kind == "conv":
-        return weight
-    if consumer.transpose:
-        weight = weight.T
+    weight = consumer.kind.working(numpy_helper.to_array(tensor).astype(np.float32), consumer.transpose)
+    if consumer.kind.windowed:
+        return np.ascontiguousarray(weight)
     alpha = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "alpha"), 1.0)
     return weight * np.float32(alpha)
 

@@ -103,7 +103,7 @@ def _largest_statistics(model: onnx.ModelProto, groups: Sequence[ChannelGroup], 
             weight = shapes.get(nodes[consumer.node].input[consumer.weight.input_index], ())
             if len(weight) < 2:
                 continue
-            if consumer.kind == "conv":
+            if consumer.kind.windowed:
                 outputs = weight[0]
                 dims = math.ceil(weight[1] * keep_ratio) * int(np.prod(weight[2:], dtype=np.int64))
                 rows = dims  # moments: dims² however many rows
