@@ -10,9 +10,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from onnx_thinet.calibration.collect import ConsumerStats, collect_statistics
+from onnx_thinet.calibration.collect import ConsumerStats, channel_statistics, refit_statistics
+from onnx_thinet.calibration.runtime import session_providers
+from onnx_thinet.calibration.plan import MemoryPlan, machine_memory, plan_memory
+from onnx_thinet.calibration.segments import Batching, SegmentRunner, fixed_batch
+from onnx_thinet.calibration.store import ActivationStore
 from onnx_thinet.channels.analysis import Analysis, analyze, quantization_refusal
-from onnx_thinet.channels.layout import ChannelGroup, Segment, channel_indicator
+from onnx_thinet.channels.layout import ChannelGroup, Segment, channel_indicator, removed_positions
 from onnx_thinet.check.metrics import count_params, total_flops
 from onnx_thinet.check.verify import OutputComparison, check_model, compare_outputs
 from onnx_thinet.errors import InternalError, ThinetError
@@ -25,14 +29,42 @@ from onnx_thinet.io.graph import (
     preserve_interface,
 )
 from onnx_thinet.rewrite.surgery import apply_selection, initializer_array
-from onnx_thinet.solve.selection import METHODS, RECONSTRUCTIONS, Selection, choose_channels
+from onnx_thinet.solve.selection import (
+    METHODS,
+    RECONSTRUCTIONS,
+    Selection,
+    reconstruct_channels,
+    select_channels,
+)
 from onnx_thinet.solve.solvers import keep_count
 
-__all__ = ["GroupResult", "SlimConfig", "SlimResult", "schedule_waves", "slim", "split_holdout"]
+__all__ = [
+    "GroupResult",
+    "PassInfo",
+    "SlimConfig",
+    "SlimResult",
+    "schedule_waves",
+    "slim",
+    "split_holdout",
+]
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (images done, images in all passes)
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """One finished calibration pass, for progress lines: which layers, how far, how long."""
+
+    index: int  # 1-based
+    passes: int
+    producers: tuple[str, ...]
+    elapsed: float  # seconds since calibration began
+    eta: float  # seconds still expected, from the mean pass so far
+
+
+PassProgress = Callable[[PassInfo], None]
 
 
 @dataclass(frozen=True)
@@ -55,6 +87,7 @@ class SlimConfig:
     only: tuple[str, ...] | None = None  # prune just these producers (the others are kept)
     finetune_data: str | None = None  # layer-by-layer schedule: fine-tune after each pass
     finetune_steps: int = 0
+    max_memory: int | None = None  # bytes; None: 80% of the memory available, at most 4 GB
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] | None = None  # FLOPs at this size, not the calibration's
 
     def validate(self) -> None:
@@ -76,6 +109,8 @@ class SlimConfig:
                               params=("batch_size", "channel_multiple"))
         if self.samples_per_image is not None and self.samples_per_image < 1:
             raise ThinetError("samples_per_image must be at least 1", params=("samples_per_image",))
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ThinetError("max_memory must be positive", params=("max_memory",))
         if self.finetune_steps < 0 or (self.finetune_steps > 0) != (self.finetune_data is not None):
             raise ThinetError("finetune_data and finetune_steps (> 0) go together",
                               params=("finetune_data", "finetune_steps"))
@@ -106,6 +141,9 @@ class SlimResult:
     forward_passes: int
     timings: dict[str, float] = field(default_factory=dict)
     config: SlimConfig = field(default_factory=SlimConfig)
+    profile: dict[str, float] = field(default_factory=dict)  # where calibration time went
+    memory: MemoryPlan | None = None
+    providers: tuple[str, ...] = ()  # onnxruntime execution providers the calibration ran on
     flops_input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     canonicalization: tuple[CanonicalStep, ...] = ()
 
@@ -136,6 +174,9 @@ class SlimResult:
             "seconds": round(sum(self.timings.values()), 3),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "config": asdict(self.config),
+            "profile": {k: round(v, 3) for k, v in self.profile.items()},
+            "memory_plan": None if self.memory is None else asdict(self.memory),
+            "providers": list(self.providers),
         }
 
 
@@ -195,12 +236,14 @@ def slim(
     data: CalibrationData,
     config: SlimConfig | None = None,
     progress: Progress | None = None,
+    pass_progress: PassProgress | None = None,
 ) -> SlimResult:
     """Prune every provably safe channel group of `model` to `config.keep_ratio` with ThiNet.
 
     Groups are pruned in topological order, each from statistics of the network as already
     pruned; the result is checked with the full ONNX checker and compared with `model` on the
-    held-out part of `data`. Raises ThinetError when nothing can be pruned.
+    held-out part of `data`. Raises ThinetError when nothing can be pruned or the run cannot
+    fit in `config.max_memory`.
     """
     config = config or SlimConfig()
     config.validate()
@@ -216,14 +259,22 @@ def slim(
         raise ThinetError(_nothing_prunable(analysis))
     groups = _chosen_groups(analysis, config.only)
     train, held = split_holdout(len(data), config.holdout, config.seed)
+    plan = _memory_plan(canonical, groups, len(train), config)
+    providers = tuple(session_providers(config.device))
     waves = schedule_waves(canonical, groups)
     clock = time.perf_counter()
-    current, results = _prune_waves(canonical, waves, data, train, config, progress)
+    profile: dict[str, float] = {}
+    engine = _Engine(canonical, data, train, config, plan, profile)
+    try:
+        current, results = _prune_waves(engine, waves, config, progress, pass_progress)
+    finally:
+        engine.close()
     timings["calibration"] = time.perf_counter() - clock
     clock = time.perf_counter()
     current = _finalize(current, model)
     check_model(current)
-    comparison = compare_outputs(model, current, data, held, config.batch_size, config.device)
+    comparison = compare_outputs(model, current, data, held, fixed_batch(canonical) or plan.batch_size,
+                                 config.device)
     shapes = dict(config.input_shapes) if config.input_shapes else _sample_shapes(data)
     timings["verification"] = time.perf_counter() - clock
     return SlimResult(
@@ -239,8 +290,36 @@ def slim(
         forward_passes=len(waves),
         timings=timings,
         config=config,
+        profile=profile,
+        memory=plan,
+        providers=providers,
         canonicalization=canonical_steps,
     )
+
+
+def _memory_plan(canonical, groups, images: int, config: SlimConfig) -> MemoryPlan:
+    budget = config.max_memory if config.max_memory is not None else machine_memory()
+    return plan_memory(canonical, groups, images, config.batch_size, budget,
+                       fixed_batch=fixed_batch(canonical), keep_ratio=config.keep_ratio)
+
+
+class _Engine:
+    """The pruned copy and the original, each run segment by segment over stored activations."""
+
+    def __init__(self, canonical, data, train, config: SlimConfig, plan: MemoryPlan, profile):
+        self.batching = Batching(train, plan.batch_size, run_size=fixed_batch(canonical))
+        self.store = ActivationStore(self.batching.count, plan.store_ram // 2)
+        self.reference_model = canonical
+        self.current = SegmentRunner(data, self.batching, self.store, config.device, profile)
+        # the reference's tensors share names with the pruned copy's: a store of their own
+        self.ref_store = ActivationStore(self.batching.count, plan.store_ram // 2)
+        self.reference = (SegmentRunner(data, self.batching, self.ref_store, config.device, profile)
+                          if config.correct else None)
+        self.profile = profile
+
+    def close(self) -> None:
+        self.store.close()
+        self.ref_store.close()
 
 
 def _chosen_groups(analysis: Analysis, only: tuple[str, ...] | None) -> tuple[ChannelGroup, ...]:
@@ -254,14 +333,14 @@ def _chosen_groups(analysis: Analysis, only: tuple[str, ...] | None) -> tuple[Ch
     return tuple(g for g in analysis.groups if {g.producer, *g.producers} & set(only))
 
 
-def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
-    current = onnx.ModelProto.FromString(canonical.SerializeToString())
-    reference = canonical if config.correct else None
+def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_progress):
+    current = onnx.ModelProto.FromString(engine.reference_model.SerializeToString())
     rng = np.random.default_rng(config.seed)
-    total = len(waves) * len(train)
+    total = len(waves) * len(engine.batching.indices)
     done = 0
     results: list[GroupResult] = []
     kept_outputs: dict[str, np.ndarray] = {}  # producer → original filters it still has
+    start = time.perf_counter()
     teacher_cache = _teacher_cache() if config.finetune_steps else None  # dropped when slim returns
 
     def advance(n: int) -> None:
@@ -273,28 +352,108 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
     for pass_index, planned in enumerate(waves):
         # Re-read the groups on the model as pruned so far: offsets into Concats and shape
         # constants shift when a neighbouring group has been cut.
+        clock = time.perf_counter()
         fresh = {g.producer: g for g in analyze(current, prune_coupled=config.prune_coupled).groups}
+        _add_time(engine.profile, "analysis", clock)
         missing = [g.producer for g in planned if g.producer not in fresh]
         if missing:
             raise InternalError(f"{', '.join(missing)} no longer prunable after earlier cuts")
         wave = [fresh[g.producer] for g in planned]
-        stats = collect_statistics(
-            current, wave, data, train, batch_size=config.batch_size,
-            per_image=config.samples_per_image, seed=int(rng.integers(2**31)),
-            device=config.device, reference=reference, kept_outputs=kept_outputs,
-            refit=config.reconstruct == "full", progress=advance,
-        )
-        for group in wave:
-            selection = _select_group(current, group, stats[group.producer], config, rng)
-            filters = _kept_filters(current, group, selection.kept)  # read before the cut
-            if len(selection.kept) < group.channels:
-                apply_selection(current, group, selection.kept, selection.scales, selection.refits)
-                kept_outputs.update({p: filters[1] for p in group.producers})
-            results.append(_group_result(group, selection, stats[group.producer], filters))
+        applied = _prune_wave(engine, current, wave, config, rng, kept_outputs, advance, results)
+        clock = time.perf_counter()
         current = infer_shapes(current)
+        _forget_changed(engine, current, applied, _touched(g for later in waves[pass_index + 1:] for g in later))
+        _add_time(engine.profile, "rewrite", clock)
         if config.finetune_steps:
-            current = _finetune_between_passes(current, canonical, config, pass_index, teacher_cache)
+            current = _finetune_between_passes(current, engine.reference_model, config, pass_index,
+                                               teacher_cache)
+            engine.store.clear()
+        if pass_progress is not None:
+            elapsed = time.perf_counter() - start
+            pass_progress(PassInfo(pass_index + 1, len(waves), tuple(g.producer for g in wave), elapsed,
+                                   elapsed / (pass_index + 1) * (len(waves) - pass_index - 1)))
     return current, results
+
+
+def _prune_wave(engine: _Engine, current, wave, config: SlimConfig, rng, kept_outputs, advance, results):
+    """Statistics, selection, reconstruction and surgery of one pass; returns what was cut."""
+    reference = engine.reference_model if engine.reference is not None else None
+    clock = time.perf_counter()
+    inner = sum(engine.profile.get(k, 0.0) for k in ("onnxruntime", "io"))
+    stats = channel_statistics(current, wave, engine.current, engine.reference, reference,
+                               per_image=config.samples_per_image, seed=int(rng.integers(2**31)),
+                               kept_outputs=kept_outputs, progress=advance)
+    inner = sum(engine.profile.get(k, 0.0) for k in ("onnxruntime", "io")) - inner
+    _add_time(engine.profile, "statistics", clock + inner)
+    applied = []
+    for group in wave:
+        clock = time.perf_counter()
+        keep = keep_count(group.channels, config.keep_ratio, config.channel_multiple)
+        kept = (select_channels(config.method, group, stats[group.producer], keep,
+                                _filter_l1(current, group), rng)
+                if keep < group.channels else np.arange(group.channels))
+        _add_time(engine.profile, "selection", clock)
+        clock = time.perf_counter()
+        if config.reconstruct == "full":
+            refit_statistics(current, group, kept, stats[group.producer], engine.current, engine.reference,
+                             reference, seed=int(rng.integers(2**31)), kept_outputs=kept_outputs)
+        _add_time(engine.profile, "refit statistics", clock)
+        clock = time.perf_counter()
+        selection = reconstruct_channels(config.reconstruct, group, stats[group.producer], kept,
+                                         config.ridge)
+        _add_time(engine.profile, "refit solve", clock)
+        filters = _kept_filters(current, group, selection.kept)  # read before the cut
+        if len(selection.kept) < group.channels:
+            deletions = _consumer_input_deletions(engine, group, selection.kept)
+            apply_selection(current, group, selection.kept, selection.scales, selection.refits)
+            kept_outputs.update({p: filters[1] for p in group.producers})
+            applied.append((group, deletions))
+        results.append(_group_result(group, selection, stats[group.producer], filters))
+    return applied
+
+
+def _consumer_input_deletions(engine: _Engine, group: ChannelGroup, kept) -> dict[str, tuple[int, np.ndarray]]:
+    """Positions of the removed channels in each stored consumer input (they alone change)."""
+    deletions = {}
+    for consumer in group.consumers:
+        if consumer.input not in engine.store:
+            continue
+        axis = 1 if consumer.kind.windowed else -1
+        length = engine.store.axis_length(consumer.input, axis)
+        deletions[consumer.input] = (axis, removed_positions(consumer.weight.layout, kept, group.channels, length))
+    return deletions
+
+
+def _touched(groups) -> set[str]:
+    """Nodes that pruning `groups` rewrites: producers, sliced nodes and consumers."""
+    nodes: set[str] = set()
+    for group in groups:
+        nodes |= set(group.producers) | {group.producer} | {s.node for s in group.slices}
+        nodes |= {a.node for a in group.attr_updates} | {f.node for f in group.shape_fixes}
+        nodes |= {c.node for c in group.consumers}
+    return nodes
+
+
+def _forget_changed(engine: _Engine, current, applied, future: set[str]) -> None:
+    """Drop stored tensors that the cuts changed; consumer inputs lose the removed positions."""
+    changed = _touched(group for group, _ in applied)
+    consumers = {c.node for group, _ in applied for c in group.consumers}
+    deletions: dict[str, tuple[int, np.ndarray]] = {}
+    seen: set[str] = set()
+    for _, group_deletions in applied:
+        for name, value in group_deletions.items():
+            if name in seen:  # two groups reach one tensor: recompute it
+                deletions.pop(name, None)
+            else:
+                deletions[name] = value
+            seen.add(name)
+    engine.current.invalidate(current, changed, deletions, exact=consumers, future=future)
+    if engine.reference is not None:
+        engine.reference.prune(engine.reference_model)
+
+
+def _add_time(profile: dict[str, float], key: str, clock: float) -> None:
+    profile[key] = profile.get(key, 0.0) + time.perf_counter() - clock
 
 
 def _kept_filters(model: onnx.ModelProto, group: ChannelGroup, kept: np.ndarray) -> tuple[int, np.ndarray]:
@@ -327,12 +486,6 @@ def _finetune_between_passes(current, teacher, config: SlimConfig, pass_index: i
     tuned = finetune_graph(current, teacher, config.finetune_data, config.finetune_steps,
                            seed=config.seed + pass_index, device=config.device, cache=cache)
     return infer_shapes(tuned)
-
-
-def _select_group(model, group: ChannelGroup, stats: dict[str, ConsumerStats], config, rng) -> Selection:
-    keep = keep_count(group.channels, config.keep_ratio, config.channel_multiple)
-    return choose_channels(config.method, config.reconstruct, group, stats, keep,
-                           _filter_l1(model, group), rng, ridge=config.ridge)
 
 
 def _filter_l1(model: onnx.ModelProto, group: ChannelGroup) -> np.ndarray:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from onnx_thinet.calibration.plan import parse_size
 from onnx_thinet.channels.analysis import analyze, quantization_refusal
 from onnx_thinet.check.metrics import cost_input_shapes, count_params, layer_costs
 from onnx_thinet.cli.errors import cli_errors
@@ -22,7 +23,7 @@ from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.data import load_calibration, parse_preprocess
 from onnx_thinet.io.files import write_text_atomic
 from onnx_thinet.io.graph import canonicalize, graph_inputs, load_model, save_model_atomic
-from onnx_thinet.slim import SlimConfig, SlimResult, slim
+from onnx_thinet.slim import PassInfo, SlimConfig, SlimResult, slim
 
 app = typer.Typer(
     add_completion=False,
@@ -58,7 +59,8 @@ def slim_command(
     finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="Optimizer steps of each in-between fine-tune.")] = 0,
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Prune only this producer (repeatable; names as `inspect` shows them).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress (bar, or one line per pass when stderr is not a terminal) and no table.")] = False,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory the run may use, e.g. 4G or 512M; batches shrink and activations go to disk to fit, and a run that cannot fit is refused [default: 80% of available memory, at most 4G].")] = None,
     input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Count FLOPs at this input size: NAME=1,3,640,640 (repeatable) [default: a calibration sample's].")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what canonicalization and analysis tried.")] = False,
 ) -> None:
@@ -70,6 +72,7 @@ def slim_command(
         device=device, simplify=simplify, channel_multiple=channel_multiple,
         only=tuple(only) if only else None, prune_coupled=prune_coupled,
         finetune_data=str(finetune_data) if finetune_data else None, finetune_steps=finetune_steps,
+        max_memory=parse_size(max_memory) if max_memory is not None else None,
     )
     config.validate()
     output = output or model.with_name(model.stem + ".slim.onnx")
@@ -104,8 +107,11 @@ def _check_output(model: Path, output: Path, force: bool) -> None:
 
 
 def _run_with_progress(original, data, config: SlimConfig, quiet: bool) -> SlimResult:
-    if quiet or not sys.stderr.isatty() and os.environ.get("ONNX_THINET_PROGRESS") != "1":
+    """A progress bar on a terminal; otherwise (CI, scripts, job schedulers) one line per pass."""
+    if quiet:
         return slim(original, data, config)
+    if not sys.stderr.isatty() and os.environ.get("ONNX_THINET_PROGRESS") != "1":
+        return slim(original, data, config, pass_progress=_print_pass)
     columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
@@ -115,6 +121,17 @@ def _run_with_progress(original, data, config: SlimConfig, quiet: bool) -> SlimR
             bar.update(task, completed=done, total=total)
 
         return slim(original, data, config, progress=update)
+
+
+def _print_pass(info: PassInfo) -> None:
+    layers = ", ".join(info.producers)
+    print(f"pass {info.index}/{info.passes}: {layers} (elapsed {_duration(info.elapsed)}, "
+          f"ETA {_duration(info.eta)})", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _file_bytes(path: Path) -> int:
