@@ -40,7 +40,6 @@ def _zoo():
 
 def vgg16_plain(size: int = 224, seed: int = 0):
     """VGG-16 (13 3×3 convs, FC 4096-4096-1000) with He-initialised weights, NCHW, no torch."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -114,7 +113,8 @@ def slim_seconds(path: Path, calib_path: Path, device: str, out: Path) -> dict:
                "--force", "--device", device]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])))
     seconds = time.perf_counter() - start
     warnings = [line for line in done.stderr.splitlines() if "WARNING" in line or "error" in line]
     if done.returncode:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -35,6 +36,7 @@ def providers_for(device: str) -> list[str]:
     if device not in ("auto", "cuda"):
         raise ThinetError(f"device must be auto, cpu or cuda (got {device!r})", params=("device",))
     if "CUDAExecutionProvider" in available:
+        _preload_cuda_libraries()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
         _warn_once("no-provider", "--device cuda: this onnxruntime has no CUDA execution provider "
@@ -63,6 +65,19 @@ def session_providers(device: str) -> list[str]:
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
     return list(make_session(model, device).get_providers())
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Let onnxruntime-gpu load CUDA and cuDNN from pip's nvidia-* wheels (torch installs them);
+    without this it only searches the system library path and silently falls back to the CPU."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # a missing wheel is normal; the session check below still warns
+        logger.debug("onnxruntime.preload_dlls: %s", exc)
 
 
 def _warn_once(key: str, message: str) -> None:
