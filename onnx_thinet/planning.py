@@ -1,0 +1,158 @@
+"""From a budget (`--target-flops/params`) to per-layer keep counts on a real graph.
+
+The numbers come from the graph and one calibration pass over the unpruned model: each
+group's ThiNet error curve (label-free sensitivity) and a multilinear cost model of its FLOPs
+or parameters; `solve.budget.allocate` does the arithmetic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+import onnx
+
+from onnx_thinet.calibration.collect import ConsumerStats, collect_statistics
+from onnx_thinet.calibration.runtime import make_session
+from onnx_thinet.channels.analysis import analyze
+from onnx_thinet.channels.layout import ChannelGroup
+from onnx_thinet.check.metrics import count_params, layer_costs
+from onnx_thinet.io.data import CalibrationData
+from onnx_thinet.io.graph import infer_shapes
+from onnx_thinet.rewrite.surgery import apply_selection
+from onnx_thinet.solve.budget import Allocation, CostModel, allocate, greedy_error_curve, least_squares_curve
+from onnx_thinet.solve.solvers import keep_count, rescale_least_squares
+
+__all__ = ["TARGETS", "Plan", "cost_model", "error_curves", "plan_keeps", "structure_for"]
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("flops", "params")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Keep counts per producer for a budget, and how the allocation got there."""
+
+    target: str  # "flops" | "params"
+    fraction: float  # asked cost as a fraction of the original
+    keeps: tuple[tuple[str, int], ...]
+    allocation: Allocation
+    producers: tuple[str, ...]
+
+    def layers(self) -> list[dict]:
+        return [
+            {"producer": name, "channels": lp.channels, "keep": lp.keep,
+             "keep_ratio": round(lp.keep / lp.channels, 4), "planned_error": round(lp.error, 5),
+             "error_at_half": round(lp.error_at_half, 5), "cost_share": round(lp.cost_share, 4),
+             "why": lp.why}
+            for name, lp in zip(self.producers, self.allocation.layers)
+        ]
+
+
+def cost_model(model: onnx.ModelProto, groups: Sequence[ChannelGroup], shapes: dict | None,
+               kind: str) -> CostModel:
+    """FLOPs or params of `model` as a multilinear function of each group's keep ratio.
+
+    A node's cost scales with the ratio of the group it produces (its filters), the group(s)
+    it reads (its input channels: a share per group when it reads a concatenation of several),
+    and the group whose channels it carries (a depthwise Conv on the path).
+    """
+    touches: dict[str, list[tuple[int, float]]] = {}
+    produces: dict[str, set[int]] = {}
+    for g, group in enumerate(groups):
+        for node in {*group.producers, group.producer} | {s.node for s in group.slices}:
+            produces.setdefault(node, set()).add(g)
+        for consumer in group.consumers:
+            touches.setdefault(consumer.node, []).append((g, float(group.channels)))
+    fixed, coefficients, members = 0.0, [], []
+    costs = layer_costs(model, shapes)
+    for cost in costs:
+        value = float((cost.flops or 0) if kind == "flops" else cost.params)
+        own = tuple(sorted(produces.get(cost.node, set())))
+        reads = touches.get(cost.node, [])
+        if not own and not reads:
+            fixed += value
+            continue
+        width = sum(c for _, c in reads)
+        for g, channels in reads or [(None, 1.0)]:
+            share = channels / width if reads else 1.0
+            coefficients.append(value * share)
+            members.append(tuple(sorted({*own, *([g] if g is not None else [])})))
+    if kind == "params":
+        fixed += count_params(model) - sum(c.params for c in costs)
+    return CostModel(fixed, tuple(coefficients), tuple(members))
+
+
+def error_curves(model: onnx.ModelProto, groups: Sequence[ChannelGroup], data: CalibrationData,
+                 indices: np.ndarray, batch_size: int, device: str, seed: int) -> list[np.ndarray]:
+    """Each group's predicted output error at every keep count, from the unpruned model.
+
+    One calibration pass gives every group's ThiNet removal order and its readers' error after
+    the least-squares rescale at every size. Those errors are in each layer's own units; pruning
+    each group alone to half width and measuring the model's output error on the same images
+    converts them into one currency: relative error of the network's outputs.
+    """
+    stats = collect_statistics(model, list(groups), data, indices, batch_size=batch_size,
+                               seed=seed, device=device)
+    reference = _outputs(model, data, indices, batch_size, device)
+    curves = []
+    for group in groups:
+        per_consumer = stats[group.producer]
+        total = reduce(ConsumerStats.merged, per_consumer.values())
+        order, _ = greedy_error_curve(total.gram, total.corr, total.target_sq)
+        layer = least_squares_curve(total.gram, total.corr, total.target_sq, order)
+        half = keep_count(group.channels, 0.5)
+        kept = np.sort(order[group.channels - half:])
+        probe = onnx.ModelProto.FromString(model.SerializeToString())
+        scales = {name: rescale_least_squares(s.gram, s.corr, kept) for name, s in per_consumer.items()}
+        apply_selection(probe, group, kept, scales)
+        impact = _relative_error(reference, _outputs(probe, data, indices, batch_size, device))
+        factor = impact / layer[half] if layer[half] > 1e-12 else 1.0
+        logger.info("%s: layer error %.4f at %d/%d, output error %.4f", group.producer, layer[half], half,
+                    group.channels, impact)
+        curves.append(layer * factor)
+    return curves
+
+
+def _outputs(model: onnx.ModelProto, data: CalibrationData, indices: np.ndarray, batch_size: int,
+             device: str) -> list[np.ndarray]:
+    session = make_session(model, device)
+    batches = [session.run(None, data.batch(indices[i:i + batch_size])) for i in range(0, len(indices), batch_size)]
+    return [np.concatenate([b[k] for b in batches]).astype(np.float64) for k in range(len(batches[0]))]
+
+
+def _relative_error(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    diff = sum(float(np.sum((r - o) ** 2)) for r, o in zip(reference, outputs))
+    norm = sum(float(np.sum(r**2)) for r in reference)
+    return float(np.sqrt(diff / norm)) if norm > 0 else float(np.sqrt(diff))
+
+
+def plan_keeps(model: onnx.ModelProto, groups: Sequence[ChannelGroup], curves: list[np.ndarray],
+               shapes: dict | None, target: str, fraction: float, multiple: int = 1) -> Plan:
+    """Allocate keep counts so that the plan's `target` cost is `fraction` of the original's."""
+    costs = cost_model(model, groups, shapes, target)
+    allocation = allocate(curves, costs, fraction, multiple=multiple)
+    producers = tuple(g.producer for g in groups)
+    keeps = tuple((name, lp.keep) for name, lp in zip(producers, allocation.layers))
+    logger.info("plan for %s %.3f: planned %.3f", target, fraction, allocation.cost_fraction)
+    return Plan(target, fraction, keeps, allocation, producers)
+
+
+def structure_for(model: onnx.ModelProto, keeps: dict[str, int], prune_coupled: bool = False) -> onnx.ModelProto:
+    """`model` cut to the planned widths without calibration (first k channels): the slim
+    model's exact shapes, for measuring a plan's latency before paying for calibration."""
+    from onnx_thinet.slim import schedule_waves
+
+    current = onnx.ModelProto.FromString(model.SerializeToString())
+    planned = [g for g in analyze(current, prune_coupled=prune_coupled).groups
+               if keeps.get(g.producer, g.channels) < g.channels]
+    for wave in schedule_waves(current, tuple(planned)):
+        fresh = {g.producer: g for g in analyze(current, prune_coupled=prune_coupled).groups}
+        for group in (fresh[g.producer] for g in wave):
+            apply_selection(current, group, np.arange(keeps[group.producer]))
+        current = infer_shapes(current)
+    return current
