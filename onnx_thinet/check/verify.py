@@ -15,7 +15,7 @@ __all__ = ["AGREEMENT_WARNING", "OutputCheck", "OutputComparison", "check_model"
            "output_warnings"]
 
 AGREEMENT_WARNING = 0.9  # below this held-out top-1 agreement a run ends with a warning
-_COLLAPSE = 1e-3  # candidate's spread across samples below this fraction of the reference's
+_COLLAPSE = 1e-3  # candidate's spread (std) across samples below this fraction of the reference's
 _LOST_RANGE = 0.1  # candidate's value range below this fraction of the reference's
 
 
@@ -101,7 +101,7 @@ class _Accumulator:
             reference_range=float(ranges[0]),
             candidate_range=float(ranges[1]),
             spread_ratio=spread,
-            collapsed=bool(constant or (spread is not None and spread < np.sqrt(_COLLAPSE))),
+            collapsed=bool(constant or (spread is not None and spread < _COLLAPSE)),
             lost_range=bool(ranges[1] < _LOST_RANGE * ranges[0]),
         )
 
