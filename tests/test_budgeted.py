@@ -152,3 +152,42 @@ def test_lost_range_is_flagged():
     comparison = compare_outputs(model, shrunk, ArrayData({"x": x}), np.arange(20))
     assert comparison.outputs[0].lost_range and not comparison.outputs[0].collapsed
     assert "lost its range" in output_warnings(comparison)[0]
+
+
+def _cli_slim(tmp_path, model, *args):
+    from typer.testing import CliRunner
+
+    from onnx_thinet.cli import app
+    from onnx_thinet.io.graph import save_model_atomic
+
+    path, calib = tmp_path / "m.onnx", tmp_path / "calib.npy"
+    save_model_atomic(model, path)
+    np.save(calib, builders.calibration(model, n=200, seed=1))
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["slim", str(path), "--calib", str(calib), "--report", str(report),
+                                      "--force", *args])
+    return result, report
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_run_that_changes_answers_warns_and_fails_only_when_strict(tmp_path, strict):
+    model, _ = builders.pool_flatten_gemm(seed=2)
+    args = ["--keep-ratio", "0.2", "--method", "random", "--reconstruct", "none", "--holdout", "0.3"]
+    result, report = _cli_slim(tmp_path, model, *args, *(["--strict"] if strict else []))
+    assert result.exit_code == (3 if strict else 0), result.output
+    assert "WARNING" in result.output and "below 90%" in result.output
+    content = json.loads(report.read_text())
+    assert any("below 90%" in w for w in content["warnings"])
+    assert content["outputs"][0]["name"] == "fc2"
+    assert (tmp_path / "m.slim.onnx").exists()
+
+
+def test_cli_budget_and_guard_report_what_they_achieved(tmp_path):
+    model, _ = builders.pool_flatten_gemm(seed=2)
+    result, report = _cli_slim(tmp_path, model, "--target-flops", "0.4", "--min-agreement", "0.95",
+                               "--holdout", "0.3", "--round-to", "2")
+    assert result.exit_code == 0, result.output
+    content = json.loads(report.read_text())
+    assert content["guard"]["achieved_agreement"] >= 0.95 and content["top1_agreement"] >= 0.95
+    assert "guard: agreement" in " ".join(result.output.split())
+    assert content["budget"]["target"] == "flops" and content["budget"]["layers"]
