@@ -89,7 +89,7 @@ def slim_budgeted(model: onnx.ModelProto, data: CalibrationData, config, progres
         return slim(model, data, dataclasses.replace(config, keep_counts=()))  # raises: nothing prunable
     groups = _chosen_groups(analysis, config.only)
     train, _ = split_holdout(len(data), config.holdout, config.seed)
-    budget = _make_budget(canonical, groups, data, train, config)
+    budget = _make_budget(model, canonical, groups, data, train, config)
     planning = time.perf_counter() - clock
     latency = None
     if config.target_latency is not None:
@@ -106,7 +106,7 @@ def slim_budgeted(model: onnx.ModelProto, data: CalibrationData, config, progres
     return _guard_search(run, config) if guarded else run(0.0)
 
 
-def _make_budget(canonical, groups, data, train, config) -> _Budget:
+def _make_budget(model, canonical, groups, data, train, config) -> _Budget:
     from onnx_thinet.slim import _sample_shapes
 
     multiple = max(config.round_to, config.channel_multiple)
@@ -115,9 +115,28 @@ def _make_budget(canonical, groups, data, train, config) -> _Budget:
     if target is None:
         return _Budget(canonical, groups, None, {}, None, config.keep_ratio, multiple)
     images = train[np.random.default_rng(config.seed).permutation(len(train))[:PLAN_IMAGES]]
-    curves = error_curves(canonical, groups, data, np.sort(images), config.batch_size, config.device, config.seed)
+    impacts = _half_width_impacts(model, data, groups, config)
+    curves = error_curves(canonical, groups, data, np.sort(images), config.batch_size, config.device, config.seed,
+                          impacts)
     fraction = config.target_params if target == "params" else config.target_flops or config.target_latency
     return _Budget(canonical, groups, curves, _sample_shapes(data), target, fraction, multiple)
+
+
+def _half_width_impacts(model, data, groups, config) -> list[float]:
+    """Held-out output error of the real pipeline with each group alone pruned to half width.
+
+    This is what turns each layer's reconstruction-error curve into output error, with the
+    reconstruction and error correction the final run will use (label-free sensitivity).
+    """
+    from onnx_thinet.slim import slim
+
+    probe = dataclasses.replace(config, keep_ratio=0.5, keep_counts=(), target_flops=None, target_params=None,
+                                target_latency=None, min_agreement=None, max_error=None)
+    impacts = []
+    for group in groups:
+        result = slim(model, data, dataclasses.replace(probe, only=(group.producer,)))
+        impacts.append(result.verification.rel_error)
+    return impacts
 
 
 def _guard_passes(result, config) -> bool:

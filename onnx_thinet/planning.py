@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 
 from onnx_thinet.calibration.collect import ConsumerStats, collect_statistics
-from onnx_thinet.calibration.runtime import make_session
 from onnx_thinet.channels.analysis import analyze
 from onnx_thinet.channels.layout import ChannelGroup
 from onnx_thinet.check.metrics import count_params, layer_costs
@@ -24,13 +23,14 @@ from onnx_thinet.io.data import CalibrationData
 from onnx_thinet.io.graph import infer_shapes
 from onnx_thinet.rewrite.surgery import apply_selection
 from onnx_thinet.solve.budget import Allocation, CostModel, allocate, greedy_error_curve, least_squares_curve
-from onnx_thinet.solve.solvers import keep_count, rescale_least_squares
+from onnx_thinet.solve.solvers import keep_count
 
 __all__ = ["TARGETS", "Plan", "cost_model", "error_curves", "plan_keeps", "structure_for"]
 
 logger = logging.getLogger(__name__)
 
 TARGETS = ("flops", "params")
+MIN_KEEP_RATIO = 0.25  # no layer is planned below this: the curves come from one layer at a time
 
 
 @dataclass(frozen=True)
@@ -88,54 +88,37 @@ def cost_model(model: onnx.ModelProto, groups: Sequence[ChannelGroup], shapes: d
 
 
 def error_curves(model: onnx.ModelProto, groups: Sequence[ChannelGroup], data: CalibrationData,
-                 indices: np.ndarray, batch_size: int, device: str, seed: int) -> list[np.ndarray]:
+                 indices: np.ndarray, batch_size: int, device: str, seed: int,
+                 impacts: Sequence[float] | None = None) -> list[np.ndarray]:
     """Each group's predicted output error at every keep count, from the unpruned model.
 
     One calibration pass gives every group's ThiNet removal order and its readers' error after
-    the least-squares rescale at every size. Those errors are in each layer's own units; pruning
-    each group alone to half width and measuring the model's output error on the same images
-    converts them into one currency: relative error of the network's outputs.
+    the least-squares rescale at every size. Those errors are in each layer's own units;
+    `impacts[g]`, the model's output error measured with group g alone pruned to half width,
+    converts curve g into one currency: relative error of the network's outputs.
     """
     stats = collect_statistics(model, list(groups), data, indices, batch_size=batch_size,
                                seed=seed, device=device)
-    reference = _outputs(model, data, indices, batch_size, device)
     curves = []
-    for group in groups:
-        per_consumer = stats[group.producer]
-        total = reduce(ConsumerStats.merged, per_consumer.values())
+    for g, group in enumerate(groups):
+        total = reduce(ConsumerStats.merged, stats[group.producer].values())
         order, _ = greedy_error_curve(total.gram, total.corr, total.target_sq)
         layer = least_squares_curve(total.gram, total.corr, total.target_sq, order)
         half = keep_count(group.channels, 0.5)
-        kept = np.sort(order[group.channels - half:])
-        probe = onnx.ModelProto.FromString(model.SerializeToString())
-        scales = {name: rescale_least_squares(s.gram, s.corr, kept) for name, s in per_consumer.items()}
-        apply_selection(probe, group, kept, scales)
-        impact = _relative_error(reference, _outputs(probe, data, indices, batch_size, device))
-        factor = impact / layer[half] if layer[half] > 1e-12 else 1.0
-        logger.info("%s: layer error %.4f at %d/%d, output error %.4f", group.producer, layer[half], half,
-                    group.channels, impact)
+        factor = 1.0
+        if impacts is not None and layer[half] > 1e-12:
+            factor = impacts[g] / layer[half]
+        logger.info("%s: layer error %.4f at %d/%d; output-error factor %.4g", group.producer, layer[half],
+                    half, group.channels, factor)
         curves.append(layer * factor)
     return curves
-
-
-def _outputs(model: onnx.ModelProto, data: CalibrationData, indices: np.ndarray, batch_size: int,
-             device: str) -> list[np.ndarray]:
-    session = make_session(model, device)
-    batches = [session.run(None, data.batch(indices[i:i + batch_size])) for i in range(0, len(indices), batch_size)]
-    return [np.concatenate([b[k] for b in batches]).astype(np.float64) for k in range(len(batches[0]))]
-
-
-def _relative_error(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
-    diff = sum(float(np.sum((r - o) ** 2)) for r, o in zip(reference, outputs))
-    norm = sum(float(np.sum(r**2)) for r in reference)
-    return float(np.sqrt(diff / norm)) if norm > 0 else float(np.sqrt(diff))
 
 
 def plan_keeps(model: onnx.ModelProto, groups: Sequence[ChannelGroup], curves: list[np.ndarray],
                shapes: dict | None, target: str, fraction: float, multiple: int = 1) -> Plan:
     """Allocate keep counts so that the plan's `target` cost is `fraction` of the original's."""
     costs = cost_model(model, groups, shapes, target)
-    allocation = allocate(curves, costs, fraction, multiple=multiple)
+    allocation = allocate(curves, costs, fraction, multiple=multiple, min_ratio=MIN_KEEP_RATIO)
     producers = tuple(g.producer for g in groups)
     keeps = tuple((name, lp.keep) for name, lp in zip(producers, allocation.layers))
     logger.info("plan for %s %.3f: planned %.3f", target, fraction, allocation.cost_fraction)

@@ -191,3 +191,15 @@ def test_cli_budget_and_guard_report_what_they_achieved(tmp_path):
     assert content["guard"]["achieved_agreement"] >= 0.95 and content["top1_agreement"] >= 0.95
     assert "guard: agreement" in " ".join(result.output.split())
     assert content["budget"]["target"] == "flops" and content["budget"]["layers"]
+
+
+def test_target_latency_measures_planned_structures_and_reports_them():
+    model, _ = builders.conv_bn_relu(seed=5)
+    result = slim(model, _data(model), SlimConfig(target_latency=0.6, threads=1))
+    latency = result.budget["latency"]
+    assert latency["asked"] == 0.6 and 1 <= len(latency["tries"]) <= 4
+    assert all(t["latency_fraction"] > 0 and t["original_ms"] > 0 for t in latency["tries"])
+    chosen = min(latency["tries"], key=lambda t: abs(t["latency_fraction"] / 0.6 - 1))
+    assert latency["measured_fraction"] == chosen["latency_fraction"]
+    assert result.budget["asked"] == pytest.approx(chosen["flops_fraction"])
+    assert result.flops_after < result.flops_before
