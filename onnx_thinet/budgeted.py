@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 GUARD_STEPS = 5  # bisection steps of the guard: the strength is found to 1/32 of the budget
 PLAN_IMAGES = 128  # calibration images behind the error curves
+PROBES = (0.25, 0.5)  # keep ratios at which each group alone is pruned to measure output error
 LATENCY_TRIES = 4
 LATENCY_TOLERANCE = 0.05
 
@@ -80,7 +81,7 @@ class _Budget:
 
 def slim_budgeted(model: onnx.ModelProto, data: CalibrationData, config, progress=None):
     """`slim` for a budget and/or a guard: plan, run, check, and relax while the guard fails."""
-    from onnx_thinet.slim import _chosen_groups, _sample_shapes, slim, split_holdout
+    from onnx_thinet.slim import _chosen_groups, slim, split_holdout
 
     clock = time.perf_counter()
     canonical = canonicalize(model, simplify=config.simplify)
@@ -115,15 +116,15 @@ def _make_budget(model, canonical, groups, data, train, config) -> _Budget:
     if target is None:
         return _Budget(canonical, groups, None, {}, None, config.keep_ratio, multiple)
     images = train[np.random.default_rng(config.seed).permutation(len(train))[:PLAN_IMAGES]]
-    impacts = _half_width_impacts(model, data, groups, config)
+    impacts = _probe_impacts(model, data, groups, config)
     curves = error_curves(canonical, groups, data, np.sort(images), config.batch_size, config.device, config.seed,
                           impacts)
     fraction = config.target_params if target == "params" else config.target_flops or config.target_latency
     return _Budget(canonical, groups, curves, _sample_shapes(data), target, fraction, multiple)
 
 
-def _half_width_impacts(model, data, groups, config) -> list[float]:
-    """Held-out output error of the real pipeline with each group alone pruned to half width.
+def _probe_impacts(model, data, groups, config) -> list[dict[float, float]]:
+    """Held-out output error of the real pipeline with each group alone pruned to each PROBES ratio.
 
     This is what turns each layer's reconstruction-error curve into output error, with the
     reconstruction and error correction the final run will use (label-free sensitivity).
@@ -134,8 +135,8 @@ def _half_width_impacts(model, data, groups, config) -> list[float]:
                                 target_latency=None, min_agreement=None, max_error=None)
     impacts = []
     for group in groups:
-        result = slim(model, data, dataclasses.replace(probe, only=(group.producer,)))
-        impacts.append(result.verification.rel_error)
+        impacts.append({ratio: slim(model, data, dataclasses.replace(probe, keep_ratio=ratio, only=(group.producer,)))
+                        .verification.rel_error for ratio in PROBES})
     return impacts
 
 

@@ -22,7 +22,13 @@ from onnx_thinet.check.metrics import count_params, layer_costs
 from onnx_thinet.io.data import CalibrationData
 from onnx_thinet.io.graph import infer_shapes
 from onnx_thinet.rewrite.surgery import apply_selection
-from onnx_thinet.solve.budget import Allocation, CostModel, allocate, greedy_error_curve, least_squares_curve
+from onnx_thinet.solve.budget import (
+    Allocation,
+    CostModel,
+    allocate,
+    greedy_error_curve,
+    least_squares_curve,
+)
 from onnx_thinet.solve.solvers import keep_count
 
 __all__ = ["TARGETS", "Plan", "cost_model", "error_curves", "plan_keeps", "structure_for"]
@@ -89,13 +95,13 @@ def cost_model(model: onnx.ModelProto, groups: Sequence[ChannelGroup], shapes: d
 
 def error_curves(model: onnx.ModelProto, groups: Sequence[ChannelGroup], data: CalibrationData,
                  indices: np.ndarray, batch_size: int, device: str, seed: int,
-                 impacts: Sequence[float] | None = None) -> list[np.ndarray]:
+                 impacts: Sequence[dict[float, float]] | None = None) -> list[np.ndarray]:
     """Each group's predicted output error at every keep count, from the unpruned model.
 
     One calibration pass gives every group's ThiNet removal order and its readers' error after
     the least-squares rescale at every size. Those errors are in each layer's own units;
-    `impacts[g]`, the model's output error measured with group g alone pruned to half width,
-    converts curve g into one currency: relative error of the network's outputs.
+    `impacts[g]` ({keep ratio: the model's output error measured with group g alone pruned to
+    that ratio}) converts curve g into one currency: relative error of the network's outputs.
     """
     stats = collect_statistics(model, list(groups), data, indices, batch_size=batch_size,
                                seed=seed, device=device)
@@ -104,14 +110,20 @@ def error_curves(model: onnx.ModelProto, groups: Sequence[ChannelGroup], data: C
         total = reduce(ConsumerStats.merged, stats[group.producer].values())
         order, _ = greedy_error_curve(total.gram, total.corr, total.target_sq)
         layer = least_squares_curve(total.gram, total.corr, total.target_sq, order)
-        half = keep_count(group.channels, 0.5)
-        factor = 1.0
-        if impacts is not None and layer[half] > 1e-12:
-            factor = impacts[g] / layer[half]
-        logger.info("%s: layer error %.4f at %d/%d; output-error factor %.4g", group.producer, layer[half],
-                    half, group.channels, factor)
-        curves.append(layer * factor)
+        curves.append(layer * _output_factor(layer, group.channels, impacts[g] if impacts else {}))
+        logger.info("%s: layer error at half %.4f, planned output error %.4f", group.producer,
+                    layer[keep_count(group.channels, 0.5)], curves[-1][keep_count(group.channels, 0.5)])
     return curves
+
+
+def _output_factor(layer: np.ndarray, channels: int, impacts: dict[float, float]) -> np.ndarray:
+    """Output error per unit of layer error at every size, interpolated between the probed sizes."""
+    points = sorted((keep_count(channels, ratio), error / layer[keep_count(channels, ratio)])
+                    for ratio, error in impacts.items() if layer[keep_count(channels, ratio)] > 1e-12)
+    if not points:
+        return np.ones(channels + 1)
+    sizes, factors = zip(*points)
+    return np.interp(np.arange(channels + 1), sizes, factors)
 
 
 def plan_keeps(model: onnx.ModelProto, groups: Sequence[ChannelGroup], curves: list[np.ndarray],

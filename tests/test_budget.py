@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_thinet.solve.budget import CostModel, allocate, allowed_keeps, greedy_error_curve, least_squares_curve
+from onnx_thinet.solve.budget import (
+    CostModel,
+    allocate,
+    allowed_keeps,
+    greedy_error_curve,
+    least_squares_curve,
+)
 from onnx_thinet.solve.solvers import reconstruction_error, rescale_least_squares, select_thinet
 
 

@@ -56,8 +56,6 @@ def _session(path: str, threads: int | None, device: str):
 
 def _feeds(session, batch: int) -> dict[str, np.ndarray]:
     """Seeded random inputs; the batch axis takes `batch`, every other axis must be fixed."""
-    from onnx_thinet.calibration.runtime import ONNX_TO_NUMPY  # noqa: F401  (numpy types below)
-
     types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8}
     rng = np.random.default_rng(0)
