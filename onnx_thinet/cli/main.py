@@ -124,14 +124,16 @@ def slim_command(
     if not quiet:
         _print_slim_summary(result, content)
     out.print(f"wrote {output}", highlight=False)
-    _finish_checks(result, content, strict)
+    _finish_checks(result, content, strict, quiet)
 
 
-def _finish_checks(result: SlimResult, content: dict, strict: bool) -> None:
-    """Print the guard's outcome and any failed check prominently; with --strict, exit 3 on failure."""
+def _finish_checks(result: SlimResult, content: dict, strict: bool, quiet: bool) -> None:
+    """Print the plan and the guard's outcome, and any failed check prominently (even with
+    --quiet); with --strict, exit 3 on failure."""
     from onnx_thinet.cli.bench_commands import print_budget
 
-    print_budget(out, content)
+    if not quiet:
+        print_budget(out, content)
     failures = list(result.warnings)
     if result.guard is not None and not result.guard["budget_reached"] and result.flops_after >= result.flops_before:
         failures.append("the guard could not be met by any pruned model: nothing was pruned")

@@ -180,12 +180,13 @@ def _layer_plan(curve, sizes, position, costs, ratios, group, full, price) -> La
     next_price = _step_price(curve, sizes, position, costs, ratios, group, full)
     error, half = float(curve[keep]), float(curve[max(1, channels // 2)])
     if keep == channels:
-        why = "kept whole: its first cut costs more error per FLOP saved than the cuts taken elsewhere"
+        why = (f"kept whole: its first cut would add {next_price:.3g} squared output error per unit of "
+               f"cost saved, more than the cuts taken elsewhere (up to {price:.3g})")
     elif position == 0:
-        why = f"cut to the floor: error {error:.3f} even there, cheap for its {share:.0%} of the cost"
+        why = f"cut to the floor: error {error:.3f} even there, cheap for the {share:.0%} of the cost it touches"
     else:
-        sensitivity = "low" if half < 0.15 else "moderate" if half < 0.3 else "high"
-        why = (f"{sensitivity} sensitivity (error {half:.3f} at half width), {share:.0%} of the cost: "
-               f"stopped where its next cut would cost {next_price:.3g} squared error per unit of "
-               f"cost, above the last price paid ({price:.3g})")
+        sensitivity = "low" if half < 0.05 else "moderate" if half < 0.15 else "high"
+        why = (f"{sensitivity} sensitivity (error {half:.3f} at half width), touches {share:.0%} of the cost; "
+               f"cut while cheaper than elsewhere: its next cut would add {next_price:.3g} squared error per "
+               f"unit of cost saved (the budget was met at {price:.3g})")
     return LayerPlan(keep, channels, error, half, share, next_price, why)
