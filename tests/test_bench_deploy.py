@@ -139,3 +139,16 @@ def test_slim_reference_models_run_in_openvino_like_in_onnxruntime(tmp_path, nam
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
     assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
     assert onnx.load(str(path)).graph.node  # the file OpenVINO read is the slim model
+
+
+def test_slim_bench_adds_the_measurement_to_the_report(tmp_path):
+    model, _ = builders.pool_flatten_gemm()
+    path, calib, report = _saved(tmp_path, model, "m.onnx"), tmp_path / "calib.npy", tmp_path / "r.json"
+    np.save(calib, builders.calibration(model))
+    result = runner.invoke(app, ["slim", str(path), "--calib", str(calib), "--bench", "--threads", "1",
+                                 "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(report.read_text())["bench"]
+    assert bench["slim"] == str(tmp_path / "m.slim.onnx")
+    (row,) = bench["batches"]
+    assert row["batch"] == 1 and row["latency_gain"] > 0 and row["flops_gain"] > 1.0
