@@ -5,6 +5,7 @@
     python tools/bench.py memory --images 256 1024    # peak RSS of `slim` vs calibration-set size
     python tools/bench.py budgets --test T.npz        # reference models: uniform 0.5 vs --target-flops, guard
     python tools/bench.py targets --size 224          # full VGG-16: bench at keep 0.5, --target-latency 0.5
+    python tools/bench.py structure --size 224        # full VGG-16 vs its keep-0.5 shapes: latency only
 
 Timings are printed, not asserted: machines here are shared and noisy, so compare ratios
 measured within one run.
@@ -118,6 +119,34 @@ def bench_budgets(out: Path, calib: str, test: str, agreement: float) -> list[di
     return rows
 
 
+def bench_structure(out: Path, size: int, threads: int | None, batches: tuple[int, ...]) -> list[dict]:
+    """Full-width VGG-16 against its keep-0.5 structure (every group cut to half, no calibration).
+
+    The cut graph has exactly the slim model's shapes, so its latency is the slim model's; this
+    measures the speed side of keep 0.5 without paying for calibration.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import zoo
+
+    from onnx_thinet.channels.analysis import analyze
+    from onnx_thinet.check.bench import bench_models
+    from onnx_thinet.io.graph import canonicalize, save_model_atomic
+    from onnx_thinet.planning import structure_for
+    from onnx_thinet.solve.solvers import keep_count
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = canonicalize(zoo.vgg16_tf2onnx(size=size))
+    keeps = {g.producer: keep_count(g.channels, 0.5) for g in analyze(model).groups}
+    original, half = out / f"vgg16_{size}.onnx", out / f"vgg16_{size}.keep50_structure.onnx"
+    save_model_atomic(model, original)
+    save_model_atomic(structure_for(model, keeps), half)
+    built = round(time.perf_counter() - start, 1)
+    report = bench_models(original, half, batches, threads, "cpu")
+    return [{"build_seconds": built, "groups": len(keeps), **{k: report[k] for k in ("flops_gain", "params_gain")},
+             "batches": report["batches"], "threads": threads}]
+
+
 def bench_targets(out: Path, size: int, images: int, reconstruct: str, threads: int | None) -> list[dict]:
     """Full-width VGG-16 at `size`: `bench` gain at keep 0.5, and where --target-latency 0.5 lands."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -200,6 +229,11 @@ def main() -> None:
     tgt.add_argument("--images", type=int, default=64)
     tgt.add_argument("--reconstruct", default="full")
     tgt.add_argument("--threads", type=int, default=None)
+    st = sub.add_parser("structure", help="full-width VGG-16 vs its keep-0.5 structure: latency only")
+    st.add_argument("--out", type=Path, default=Path("/tmp/vgg16_structure"))
+    st.add_argument("--size", type=int, default=224)
+    st.add_argument("--threads", type=int, default=None)
+    st.add_argument("--batch", type=int, nargs="+", default=[1])
     mem = sub.add_parser("memory")
     mem.add_argument("--model", default="models/fmnist_vgg.onnx")
     mem.add_argument("--calib", default="models/fmnist_calib.npy")
@@ -211,6 +245,8 @@ def main() -> None:
         rows = [r for b in args.batch for r in bench_latency(args.models, b, args.rounds, args.threads)]
     elif args.command == "budgets":
         rows = bench_budgets(args.out, args.calib, args.test, args.min_agreement)
+    elif args.command == "structure":
+        rows = bench_structure(args.out, args.size, args.threads, tuple(args.batch))
     elif args.command == "targets":
         rows = bench_targets(args.out, args.size, args.images, args.reconstruct, args.threads)
     else:
