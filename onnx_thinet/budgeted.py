@@ -26,7 +26,7 @@ from onnx_thinet.io.graph import canonicalize
 from onnx_thinet.planning import Plan, error_curves, plan_keeps, structure_for
 from onnx_thinet.solve.solvers import keep_count
 
-__all__ = ["GUARD_STEPS", "slim_budgeted", "validate_budget"]
+__all__ = ["GUARD_STEPS", "bench_device", "slim_budgeted", "validate_budget"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,24 +39,26 @@ LATENCY_TOLERANCE = 0.05
 
 def validate_budget(config) -> None:
     """The budget flags' ranges, and the combinations that make sense."""
-    targets = [(n, v) for n, v in (("--target-flops", config.target_flops), ("--target-params", config.target_params),
-                                   ("--target-latency", config.target_latency)) if v is not None]
+    targets = [(n, v) for n, v in (("target_flops", config.target_flops), ("target_params", config.target_params),
+                                   ("target_latency", config.target_latency)) if v is not None]
     if len(targets) > 1:
-        raise ThinetError(f"give one budget, not {' and '.join(n for n, _ in targets)}")
+        names = tuple(n for n, _ in targets)
+        raise ThinetError(f"give one budget, not {' and '.join(names)}", params=names)
     for name, value in targets:
         if not 0.0 < value <= 1.0:
-            raise ThinetError(f"{name} must be in (0, 1], a fraction of the original (got {value})")
+            raise ThinetError(f"{name} must be in (0, 1], a fraction of the original (got {value})", params=(name,))
     if config.min_agreement is not None and not 0.0 <= config.min_agreement <= 1.0:
-        raise ThinetError(f"--min-agreement must be in [0, 1] (got {config.min_agreement})")
+        raise ThinetError(f"min_agreement must be in [0, 1] (got {config.min_agreement})", params=("min_agreement",))
     if config.max_error is not None and config.max_error < 0:
-        raise ThinetError(f"--max-error must be non-negative (got {config.max_error})")
+        raise ThinetError(f"max_error must be non-negative (got {config.max_error})", params=("max_error",))
     if config.round_to < 1:
-        raise ThinetError("--round-to must be at least 1")
+        raise ThinetError("round_to must be at least 1", params=("round_to",))
     if config.threads is not None and config.threads < 1:
-        raise ThinetError("--threads must be at least 1")
+        raise ThinetError("threads must be at least 1", params=("threads",))
     guarded = config.min_agreement is not None or config.max_error is not None
     if (targets or guarded) and (config.finetune_steps or config.holdout <= 0):
-        raise ThinetError("budgets and guards need --holdout > 0 and no --finetune-steps")
+        raise ThinetError("budgets and guards need holdout > 0 and no finetune_steps",
+                          params=("holdout", "finetune_steps"))
 
 
 @dataclass
@@ -144,8 +146,8 @@ def _guard_passes(result, config) -> bool:
     v = result.verification
     if config.min_agreement is not None:
         if v.top1_agreement is None:
-            raise ThinetError("--min-agreement needs a classifier output (N x classes) to compare top-1 "
-                              "answers; this model has none: use --max-error")
+            raise ThinetError("min_agreement needs a classifier output (N x classes) to compare top-1 "
+                              "answers; this model has none: use max_error", params=("min_agreement", "max_error"))
         if v.top1_agreement < config.min_agreement:
             return False
     return config.max_error is None or v.rel_error <= config.max_error
@@ -229,7 +231,7 @@ def _latency_search(model: onnx.ModelProto, budget: _Budget, config) -> tuple[_B
             candidate = Path(tmp) / f"plan{attempt}.onnx"
             onnx.save(structure_for(budget.canonical, keeps, config.prune_coupled), candidate)
             timing = compare_latency(original, candidate, batch=1, threads=config.threads,
-                                     device=_bench_device(config.device))
+                                     device=bench_device(config.device))
             measured = 1.0 / timing.latency_gain
             tries.append({"flops_fraction": round(fraction, 4), "latency_fraction": round(measured, 4),
                           "original_ms": timing.first.median_ms, "plan_ms": timing.second.median_ms})
@@ -242,5 +244,8 @@ def _latency_search(model: onnx.ModelProto, budget: _Budget, config) -> tuple[_B
     return dataclasses.replace(budget, fraction=best["flops_fraction"]), report
 
 
-def _bench_device(device: str) -> str:
-    return "cuda" if device == "cuda" else "cpu"
+def bench_device(device: str) -> str:
+    """The `bench` device for a slim `--device` (auto: CUDA when onnxruntime has it)."""
+    from onnx_thinet.calibration.runtime import providers_for
+
+    return "cuda" if providers_for(device)[0] == "CUDAExecutionProvider" else "cpu"

@@ -95,7 +95,7 @@ def test_max_error_guard_keeps_the_held_out_error_under_the_bound():
 
 def test_min_agreement_without_a_classifier_output_is_a_clear_error():
     model, _ = builders.conv_chain()
-    with pytest.raises(ThinetError, match="--max-error"):
+    with pytest.raises(ThinetError, match="max_error"):
         slim(model, _data(model), SlimConfig(min_agreement=0.9))
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 
 from onnx_thinet.calibration.runtime import make_session
-from onnx_thinet.errors import ThinetError
+from onnx_thinet.check.measure import ErrorSums
+from onnx_thinet.errors import InternalError
 from onnx_thinet.io.data import CalibrationData
 
 __all__ = ["AGREEMENT_WARNING", "OutputCheck", "OutputComparison", "check_model", "compare_outputs",
@@ -51,7 +52,7 @@ def check_model(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
-        raise ThinetError(f"internal error: the rewritten model fails the ONNX checker ({exc})") from None
+        raise InternalError(f"the rewritten model fails the ONNX checker ({exc})") from None
 
 
 class _Accumulator:
@@ -59,19 +60,16 @@ class _Accumulator:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.diff_sq = self.ref_sq = self.max_abs = 0.0
+        self.errors = ErrorSums()
         self.agree = self.rows = self.count = 0
         self.lo = np.array([np.inf, np.inf])
         self.hi = np.array([-np.inf, -np.inf])
         self.sums: list[np.ndarray] | None = None  # ref Σ, ref Σ², cand Σ, cand Σ² over samples
 
     def add(self, ref: np.ndarray, out: np.ndarray) -> None:
-        if ref.shape != out.shape:
-            raise ThinetError(f"internal error: output shape changed {ref.shape} -> {out.shape}")
+        if not self.errors.add(ref, out):
+            raise InternalError(f"output shape changed {ref.shape} -> {out.shape}")
         ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
-        self.diff_sq += float(np.sum((ref64 - out64) ** 2))
-        self.ref_sq += float(np.sum(ref64**2))
-        self.max_abs = max(self.max_abs, float(np.abs(ref64 - out64).max(initial=0.0)))
         if ref.size:
             self.lo = np.minimum(self.lo, [ref64.min(), out64.min()])
             self.hi = np.maximum(self.hi, [ref64.max(), out64.max()])
@@ -95,8 +93,8 @@ class _Accumulator:
         constant = ranges[1] == 0.0 and ranges[0] > 0
         return OutputCheck(
             name=self.name,
-            rel_error=float(np.sqrt(self.diff_sq / self.ref_sq)) if self.ref_sq > 0 else float(np.sqrt(self.diff_sq)),
-            max_abs_error=self.max_abs,
+            rel_error=self.errors.rel_error,
+            max_abs_error=self.errors.max_abs,
             top1_agreement=self.agree / self.rows if self.rows else None,
             reference_range=float(ranges[0]),
             candidate_range=float(ranges[1]),
@@ -120,23 +118,24 @@ def compare_outputs(
     try:
         cand_session = make_session(candidate, device)
     except Exception as exc:
-        raise ThinetError(f"internal error: onnxruntime cannot load the rewritten model ({exc})") from None
+        raise InternalError(f"onnxruntime cannot load the rewritten model ({exc})") from None
     names = [o.name for o in ref_session.get_outputs()]
     accumulators = [_Accumulator(name) for name in names]
     for start in range(0, len(indices), batch_size):
         feeds = data.batch(indices[start : start + batch_size])
         for acc, ref, out in zip(accumulators, ref_session.run(None, feeds), cand_session.run(None, feeds)):
             acc.add(ref, out)
-    diff_sq = sum(a.diff_sq for a in accumulators)
-    ref_sq = sum(a.ref_sq for a in accumulators)
-    max_abs = max((a.max_abs for a in accumulators), default=0.0)
-    ref_max = max((float(max(abs(a.lo[0]), abs(a.hi[0]))) for a in accumulators if np.isfinite(a.lo[0])),
-                  default=0.0)
+    total = ErrorSums()
+    for a in accumulators:
+        total.diff_sq += a.errors.diff_sq
+        total.ref_sq += a.errors.ref_sq
+        total.max_abs = max(total.max_abs, a.errors.max_abs)
+        total.ref_max = max(total.ref_max, a.errors.ref_max)
     agree, rows = sum(a.agree for a in accumulators), sum(a.rows for a in accumulators)
     return OutputComparison(
-        rel_error=float(np.sqrt(diff_sq / ref_sq)) if ref_sq > 0 else float(np.sqrt(diff_sq)),
-        max_abs_error=max_abs,
-        max_rel_error=max_abs / ref_max if ref_max > 0 else max_abs,
+        rel_error=total.rel_error,
+        max_abs_error=total.max_abs,
+        max_rel_error=total.max_rel_error,
         top1_agreement=agree / rows if rows else None,
         samples=len(indices),
         outputs=tuple(a.result() for a in accumulators),

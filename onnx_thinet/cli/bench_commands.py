@@ -67,10 +67,12 @@ def print_budget(console: Console, content: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    from onnx_thinet.cli.main import _check_output, _write_text_atomic, out, user_errors
+    from onnx_thinet.cli.errors import cli_errors
+    from onnx_thinet.cli.main import _check_output, out
+    from onnx_thinet.io.files import write_text_atomic
 
     @app.command("bench")
-    @user_errors
+    @cli_errors
     def bench_command(
         original: Annotated[Path, typer.Argument(help="The original ONNX model.")],
         slim: Annotated[Path, typer.Argument(help="The slim ONNX model.")],
@@ -97,5 +99,5 @@ def register(app: typer.Typer) -> None:
         batches = parse_batches(batch)
         content = bench_models(original, slim, batches, threads, device, rounds)
         if report is not None:
-            _write_text_atomic(report, json.dumps(content, indent=2) + "\n")
+            write_text_atomic(report, json.dumps(content, indent=2) + "\n")
         print_bench(out, content)

@@ -11,10 +11,11 @@ __all__ = ["register"]
 
 
 def register(app: typer.Typer) -> None:
-    from onnx_thinet.cli.main import out, user_errors
+    from onnx_thinet.cli.errors import cli_errors
+    from onnx_thinet.cli.main import out
 
     @app.command("export-triton")
-    @user_errors
+    @cli_errors
     def export_triton_command(
         model: Annotated[Path, typer.Argument(help="ONNX model to serve (usually the slim one).")],
         repo: Annotated[Path, typer.Option("--repo", help="Triton model repository folder (created if missing).")],

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,8 +17,10 @@ from rich.text import Text
 
 from onnx_thinet.channels.analysis import analyze
 from onnx_thinet.check.metrics import count_params, layer_costs
+from onnx_thinet.cli.errors import cli_errors
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.data import load_calibration, parse_preprocess
+from onnx_thinet.io.files import write_text_atomic
 from onnx_thinet.io.graph import canonicalize, load_model, save_model_atomic
 from onnx_thinet.slim import SlimConfig, SlimResult, slim
 
@@ -33,31 +33,8 @@ out = Console()
 err = Console(stderr=True)
 
 
-def user_errors(fn):
-    """Turn ThinetError into one line on stderr and exit code 2; never show a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = os.environ.get("ONNX_THINET_DEBUG") == "1"
-        try:
-            return fn(*args, **kwargs)
-        except ThinetError as exc:
-            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            if debug:
-                raise
-            err.print(f"error: internal error: {type(exc).__name__}: {exc} "
-                      "(set ONNX_THINET_DEBUG=1 for the traceback)", markup=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
 @app.command("slim")
-@user_errors
+@cli_errors
 def slim_command(
     model: Annotated[Path, typer.Argument(help="ONNX model to slim (never modified).")],
     calib: Annotated[Path, typer.Option("--calib", help=".npy (single input), .npz (keys = input names) or an image folder.")],
@@ -118,9 +95,11 @@ def slim_command(
     if bench:
         from onnx_thinet.check.bench import bench_models
 
-        content["bench"] = bench_models(model, output, (1,), threads, "cuda" if config.device == "cuda" else "cpu")
+        from onnx_thinet.budgeted import bench_device
+
+        content["bench"] = bench_models(model, output, (1,), threads, bench_device(config.device))
     if report is not None:
-        _write_text_atomic(report, json.dumps(content, indent=2) + "\n")
+        write_text_atomic(report, json.dumps(content, indent=2) + "\n")
     if not quiet:
         _print_slim_summary(result, content)
     out.print(f"wrote {output}", highlight=False)
@@ -171,18 +150,6 @@ def _file_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _print_slim_summary(result: SlimResult, content: dict) -> None:
     table = Table(title="pruned groups", title_justify="left")
     for col in ("producer", "consumers", "channels", "recon. error (slice)", "recon. error (rescaled)"):
@@ -211,7 +178,7 @@ def _print_slim_summary(result: SlimResult, content: dict) -> None:
 
 
 @app.command("inspect")
-@user_errors
+@cli_errors
 def inspect_command(
     model: Annotated[Path, typer.Argument(help="ONNX model to analyse.")],
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify")] = True,

@@ -7,15 +7,14 @@ axis is Triton's batch axis (`max_batch_size`, dims without it, dynamic batching
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.files import write_text_atomic
 from onnx_thinet.io.graph import save_model_atomic
 
 __all__ = ["TRITON_TYPES", "TritonTensor", "triton_config", "write_triton_repository"]
@@ -90,8 +89,5 @@ def write_triton_repository(model: onnx.ModelProto, repo: str | Path, name: str,
     if folder.exists() and not folder.is_dir():
         raise ThinetError(f"{folder}: exists and is not a folder")
     save_model_atomic(model, folder / "1" / "model.onnx")
-    fd, tmp = tempfile.mkstemp(prefix=".config.pbtxt.", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(config)
-    os.replace(tmp, folder / "config.pbtxt")
+    write_text_atomic(folder / "config.pbtxt", config)
     return folder
