@@ -93,9 +93,8 @@ def slim_command(
         "file_bytes_before": _file_bytes(model), "file_bytes_after": size_after,
     }
     if bench:
-        from onnx_thinet.check.bench import bench_models
-
         from onnx_thinet.budgeted import bench_device
+        from onnx_thinet.check.bench import bench_models
 
         content["bench"] = bench_models(model, output, (1,), threads, bench_device(config.device))
     if report is not None:
