@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from onnx_thinet import SlimConfig, slim  # noqa: E402
-from onnx_thinet.errors import ThinetError  # noqa: E402
+from onnx_thinet.errors import InternalError, ThinetError  # noqa: E402
 from onnx_thinet.io.data import ArrayData  # noqa: E402
 from onnx_thinet.pytorch.export import (  # noqa: E402
     SUPPORTED_OPS,
@@ -651,17 +651,17 @@ def test_export_refuses_a_wrong_module_and_writes_nothing(tmp_path: Path, monkey
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.py").write_text("# the user's earlier export\n")
-    with pytest.raises(ThinetError, match=r"relative error \d\.\d+e[+-]\d+ > 1e-04.*nothing was written"):
+    with pytest.raises(InternalError, match=r"relative error \d\.\d+e[+-]\d+ > 1e-04.*nothing was written"):
         export_torch(src, out)
     assert (out / "model.py").read_text() == "# the user's earlier export\n"
     assert sorted(p.name for p in out.iterdir()) == ["model.py"]
-    with pytest.raises(ThinetError, match="nothing was written"):
+    with pytest.raises(InternalError, match="nothing was written"):
         export_torch(src, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chain.onnx", "out"]  # no dir, no scratch
 
 
 def test_export_checks_models_with_symbolic_spatial_dims(tmp_path: Path, monkeypatch) -> None:
-    """Symbolic H and W no longer skip the check (the paddle2onnx case): 64 is used for them."""
+    """Symbolic H and W no longer skip the check (the paddle2onnx case): io's dummy size is used."""
     from onnx_thinet.ops import registry
 
     entry = registry.REGISTRY["Relu"]
@@ -670,7 +670,7 @@ def test_export_checks_models_with_symbolic_spatial_dims(tmp_path: Path, monkeyp
     model, _ = builders.conv_chain()
     for i in (2, 3):
         model.graph.input[0].type.tensor_type.shape.dim[i].dim_param = "HW"[i - 2]
-    with pytest.raises(ThinetError, match="disagrees with onnxruntime"):
+    with pytest.raises(InternalError, match="disagrees with onnxruntime"):
         export_torch(save(model, tmp_path / "dyn.onnx"), tmp_path / "out")
     assert not (tmp_path / "out" / "model.py").exists()
 

@@ -6,6 +6,8 @@
     python tools/bench.py budgets --test T.npz        # reference models: uniform 0.5 vs --target-flops, guard
     python tools/bench.py targets --size 224          # full VGG-16: bench at keep 0.5, --target-latency 0.5
     python tools/bench.py structure --size 224        # full VGG-16 vs its keep-0.5 shapes: latency only
+    python tools/bench.py scale                       # VGG-16, ResNet-50 (224) and a batch-1 U-Net:
+                                                      # slim time / one forward pass, peak RSS
 
 Timings are printed, not asserted: machines here are shared and noisy, so compare ratios
 measured within one run.
@@ -206,6 +208,168 @@ def bench_memory(model: str, calib: str, sizes: list[int]) -> list[dict]:
     return results
 
 
+# --------------------------------------------------------------------------- scale
+
+
+def unet_fixed_batch(size: int = 128, depth: int = 12, levels: int = 4, base: int = 8,
+                     seed: int = 0) -> "onnx.ModelProto":
+    """A deep U-Net-style segmentation model as exporters write it with a fixed batch of 1.
+
+    `levels` encoder stages of `depth` 3×3 Conv+ReLU then MaxPool, a bottleneck, and decoder
+    stages (nearest Resize ×2, Concat with the skip, `depth` convs), a 1×1 head and a Reshape
+    to [1, classes, H·W] with the batch written into the constant. (2·levels+1)·depth+1 convs.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(x: str, cin: int, cout: int, name: str, k: int = 3, relu: bool = True) -> str:
+        w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32)
+        b = (rng.standard_normal(cout) * 0.05).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}.w"), numpy_helper.from_array(b, f"{name}.b")])
+        pad = k // 2
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.y"], name=name,
+                                      kernel_shape=[k, k], pads=[pad] * 4))
+        if not relu:
+            return f"{name}.y"
+        nodes.append(helper.make_node("Relu", [f"{name}.y"], [f"{name}.r"], name=f"{name}.relu"))
+        return f"{name}.r"
+
+    def stage(x: str, cin: int, cout: int, prefix: str) -> str:
+        for i in range(depth):
+            x = conv(x, cin if i == 0 else cout, cout, f"{prefix}.conv{i}")
+        return x
+
+    inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "up.scales"))
+    x, cin, skips = "image", 3, []
+    for level in range(levels):
+        width = base * 2**level
+        x = stage(x, cin, width, f"down{level}")
+        skips.append((x, width))
+        nodes.append(helper.make_node("MaxPool", [x], [f"down{level}.pool"], name=f"down{level}.pool",
+                                      kernel_shape=[2, 2], strides=[2, 2]))
+        x, cin = f"down{level}.pool", width
+    x = stage(x, cin, base * 2**levels, "bottom")
+    cin = base * 2**levels
+    for level in reversed(range(levels)):
+        skip, width = skips[level]
+        nodes.append(helper.make_node("Resize", [x, "", "up.scales"], [f"up{level}.resize"],
+                                      name=f"up{level}.resize", mode="nearest"))
+        nodes.append(helper.make_node("Concat", [f"up{level}.resize", skip], [f"up{level}.cat"],
+                                      name=f"up{level}.cat", axis=1))
+        x = stage(f"up{level}.cat", cin + width, width, f"up{level}")
+        cin = width
+    classes = 4
+    logits = conv(x, cin, classes, "head", k=1, relu=False)
+    inits.append(numpy_helper.from_array(np.array([1, classes, size * size], np.int64), "head.shape"))
+    nodes.append(helper.make_node("Reshape", [logits, "head.shape"], ["mask"], name="head.reshape"))
+    graph = helper.make_graph(
+        nodes, "unet_fixed_batch",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, classes, size * size])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _zoo():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zoo", Path(__file__).with_name("zoo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _forward_seconds(model_path: Path, calib: np.ndarray, batch: int) -> float:
+    """One forward pass of the calibration set through the original model (best of two)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    session.run(None, {name: calib[:batch]})  # warm-up
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        for i in range(0, len(calib), batch):
+            session.run(None, {name: calib[i : i + batch]})
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _slim_child(model_path: Path, calib_path: Path, report: Path, memory_limit: int) -> dict:
+    """`onnx-thinet slim` with the defaults in a child process: wall time and peak RSS."""
+    command = [sys.executable, "-m", "onnx_thinet.cli", "slim", str(model_path), "--calib", str(calib_path),
+               "--output", str(report.with_suffix(".onnx")), "--report", str(report), "--force",
+               "--quiet", "--device", "cpu"]
+    code = ("import resource, runpy, sys\n"
+            f"resource.setrlimit(resource.RLIMIT_AS, ({memory_limit}, {memory_limit}))\n"
+            f"sys.argv = {command[2:]!r}\n"
+            "try:\n    runpy.run_module('onnx_thinet.cli', run_name='__main__')\n"
+            "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n"
+            "sys.exit(code or 0)\n")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    peak = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK_KB")]
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1], "warnings": warnings,
+                "seconds": round(seconds, 1)}
+    content = json.loads(report.read_text())
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(int(peak[0]) / 1024) if peak else None,
+            "report": content}
+
+
+def bench_scale(images: list[int], size: int, models: list[str], memory_limit: int) -> list[dict]:
+    """Build each model, time one forward pass of the calibration set, slim it, read the profile."""
+    import onnx
+
+    zoo = _zoo()
+    builders = {
+        "vgg16": lambda: zoo.vgg16_tf2onnx(size=size, width=1.0),
+        "resnet50": lambda: zoo.resnet50_bn_decomposed(size=size, width=1.0),
+        "unet_batch1": lambda: unet_fixed_batch(),
+    }
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        for name in models:
+            model = builders[name]()
+            path = Path(tmp) / f"{name}.onnx"
+            onnx.save(model, str(path))
+            del model
+            loaded = onnx.load(str(path), load_external_data=False)
+            batch = 1 if name == "unet_batch1" else 32
+            for n in images:
+                calib = zoo.calibration_for(loaded, n, seed=1).astype(np.float32)
+                calib_path = Path(tmp) / f"{name}_{n}.npy"
+                np.save(calib_path, calib)
+                forward = _forward_seconds(path, calib, batch)
+                result = _slim_child(path, calib_path, Path(tmp) / f"{name}_{n}.json", memory_limit)
+                rows.append(_scale_row(name, n, forward, result))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _scale_row(name: str, images: int, forward: float, result: dict) -> dict:
+    row = {"model": name, "images": images, "forward_s": round(forward, 2)}
+    if "error" in result:
+        return row | {"slim_s": result["seconds"], "error": result["error"], "warnings": result["warnings"]}
+    report = result["report"]
+    calibration = report["timings"].get("calibration", 0.0)
+    return row | {
+        "slim_s": result["seconds"], "ratio": round(result["seconds"] / forward, 2),
+        "calibration_s": round(calibration, 1), "passes": report["forward_passes"],
+        "peak_rss_mb": result["peak_rss_mb"], "flops_ratio": round(report["flops_before"] / report["flops_after"], 2),
+        "output_rel_error": round(report["output_rel_error"], 4),
+        "timings": report["timings"], "profile": report.get("profile", {}),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -238,7 +402,16 @@ def main() -> None:
     mem.add_argument("--model", default="models/fmnist_vgg.onnx")
     mem.add_argument("--calib", default="models/fmnist_calib.npy")
     mem.add_argument("--images", type=int, nargs="+", default=[256, 2048])
+    scale = sub.add_parser("scale")
+    scale.add_argument("--images", type=int, nargs="+", default=[64, 256])
+    scale.add_argument("--size", type=int, default=224)
+    scale.add_argument("--models", nargs="+", default=["vgg16", "resnet50", "unet_batch1"])
+    scale.add_argument("--memory-limit", type=int, default=8_000_000_000,
+                       help="address-space limit of each slim child (bytes): a regression fails, not swaps")
     args = parser.parse_args()
+    if args.command == "scale":
+        bench_scale(args.images, args.size, args.models, args.memory_limit)
+        return
     if args.command == "select":
         rows = [bench_select(c, args.samples, args.repeats) for c in args.channels]
     elif args.command == "latency":

@@ -17,20 +17,21 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_thinet.calibration.runtime import make_session, truncated_model
-from onnx_thinet.channels.layout import ChannelGroup, Consumer, channel_indicator
+from onnx_thinet.calibration.segments import SegmentRunner
+from onnx_thinet.channels.layout import ChannelGroup, Consumer, channel_indicator, removed_positions
 from onnx_thinet.io.data import CalibrationData
-from onnx_thinet.solve.solvers import FitMoments
+from onnx_thinet.solve.solvers import FitMoments, FitSamples
 
 __all__ = [
     "ConsumerStats",
     "RefitStats",
-    "collect_statistics",
+    "channel_statistics",
     "conv_patches",
     "conv_contributions",
     "conv_positions",
     "linear_contributions",
     "linear_positions",
+    "refit_statistics",
     "samples_per_image",
 ]
 
@@ -89,10 +90,14 @@ class RefitStats:
     outputs: int
     in_channels: int  # input positions of the consumer's channel axis (dims = in_channels·window)
     prior: np.ndarray  # the consumer's current weights as a [dims, outputs] matrix
-    folds: tuple[FitMoments, FitMoments] = field(init=False)
+    columns_kept: bool = False  # rows hold only the kept inputs (no columns to pick)
+    expected_rows: int | None = None  # fewer rows than dims: keep the rows, not a dims² matrix
+    folds: tuple[FitMoments | FitSamples, FitMoments | FitSamples] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.folds = (FitMoments(self.dims, self.outputs), FitMoments(self.dims, self.outputs))
+        few = self.expected_rows is not None and self.expected_rows < self.dims
+        kind = FitSamples if few else FitMoments
+        self.folds = (kind(self.dims, self.outputs), kind(self.dims, self.outputs))
 
     def add(self, inputs: np.ndarray, targets: np.ndarray, odd: np.ndarray) -> None:
         for fold, rows in zip(self.folds, (~odd, odd)):
@@ -111,125 +116,206 @@ def samples_per_image(channels: int, images: int, requested: int | None) -> int:
     return max(10, math.ceil(20 * channels / max(images, 1)))
 
 
-def collect_statistics(
+def channel_statistics(
     model: onnx.ModelProto,
     groups: Sequence[ChannelGroup],
-    data: CalibrationData,
-    indices: np.ndarray,
+    current: SegmentRunner,
+    reference: SegmentRunner | None = None,
+    reference_model: onnx.ModelProto | None = None,
     *,
-    batch_size: int = 32,
     per_image: int | None = None,
     seed: int = 0,
-    device: str = "cpu",
-    reference: onnx.ModelProto | None = None,
     kept_outputs: dict[str, np.ndarray] | None = None,
-    refit: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, dict[str, ConsumerStats]]:
-    """One streamed pass over `indices` gathering statistics for all `groups` at once.
+    """One sweep over the calibration batches gathering channel statistics for all `groups`.
 
-    `model` is the network as pruned so far; with `reference` (the original network) the
-    targets ŷ come from it instead, so reconstruction also corrects earlier layers' error.
+    `model` is the network as pruned so far; with `reference` (running the original network)
+    the targets ŷ come from it instead, so reconstruction also corrects earlier layers' error.
     `kept_outputs[node]` lists which of the reference's output filters a consumer still has
-    (it may already have been cut as the producer of an earlier group). With `refit`, each ConsumerStats also carries RefitStats for `--reconstruct full`.
+    (it may already have been cut as the producer of an earlier group).
     Returns stats[group.producer][consumer.node].
     """
     tensors = sorted({c.input for g in groups for c in g.consumers})
-    session = make_session(truncated_model(model, tensors), device)
-    ref_session = make_session(truncated_model(reference, tensors), device) if reference else None
-    weights = {c.node: _consumer_weight(model, c) for g in groups for c in g.consumers}
-    consumers = [c for g in groups for c in g.consumers]
-    maps = kept_outputs or {}
+    current.ensure(model, tensors)
     if reference is not None:
-        ref_weights = {c.node: _filters(_consumer_weight(reference, c), c, maps.get(c.node)) for c in consumers}
-        biases = {c.node: _filters(_consumer_bias(reference, c), c, maps.get(c.node), bias=True)
-                  for c in consumers}
-    else:
-        ref_weights, biases = {}, {c.node: _consumer_bias(model, c) for c in consumers}
+        reference.ensure(reference_model, tensors)
+    consumers = [c for g in groups for c in g.consumers]
+    weights = {c.node: _consumer_weight(model, c) for c in consumers}
+    ref_weights = _reference_weights(reference_model, consumers, kept_outputs) if reference else {}
     nodes = {n.name: n for n in model.graph.node}
     stats = {g.producer: {c.node: ConsumerStats(g.channels) for c in g.consumers} for g in groups}
     rng = np.random.default_rng(seed)
-    for start in range(0, len(indices), batch_size):
-        feeds = data.batch(indices[start : start + batch_size])
-        values = dict(zip(tensors, session.run(tensors, feeds)))
-        ref_values = dict(zip(tensors, ref_session.run(tensors, feeds))) if ref_session else {}
+    images = len(current.batching.indices)
+    for batch in range(current.batching.count):
+        values = {name: current.get(name, batch) for name in tensors}
+        ref_values = {name: reference.get(name, batch) for name in tensors} if reference else {}
         for group in groups:
-            count = samples_per_image(group.channels, len(indices), per_image)
+            count = samples_per_image(group.channels, images, per_image)
             for consumer in group.consumers:
-                x = values[consumer.input]
-                sampler = _sampler(consumer, nodes[consumer.node], x.shape, weights[consumer.node],
-                                   count, rng)
-                contrib = sampler(x, weights[consumer.node])
-                axis = 1 if consumer.kind == "conv" else x.ndim - 1
-                indicator = channel_indicator(consumer.weight.layout, group.channels, x.shape[axis])
-                per_channel = contrib @ indicator
-                # The target is the group's share of the output; other inputs of the consumer
-                # (a Concat's foreign entries) are not touched by this selection.
-                target = per_channel.sum(axis=1)
-                if ref_session is not None:
-                    reference_total = sampler(ref_values[consumer.input], ref_weights[consumer.node]).sum(axis=1)
-                    target = target + reference_total - contrib.sum(axis=1)
-                entry = stats[group.producer][consumer.node]
-                entry.add(per_channel, target)
-                _count_zeros(entry, x, axis, indicator)
-                if refit:
-                    ref_x = ref_values[consumer.input] if ref_session is not None else x
-                    weight = (ref_weights if ref_session is not None else weights)[consumer.node]
-                    _add_refit(entry, consumer, nodes[consumer.node], x, ref_x, weight,
-                               biases[consumer.node], len(indices), rng, first_image=start)
+                _add_channel_samples(stats[group.producer][consumer.node], group.channels, consumer,
+                                     nodes[consumer.node], values[consumer.input], weights[consumer.node],
+                                     ref_values.get(consumer.input), ref_weights.get(consumer.node),
+                                     count, rng)
         if progress is not None:
-            progress(len(feeds[next(iter(feeds))]))
+            progress(len(current.batching.rows(batch)))
     return stats
+
+
+def _add_channel_samples(entry: ConsumerStats, channels: int, consumer: Consumer, node, x, weight,
+                         ref_x, ref_weight, count: int, rng) -> None:
+    """Sampled per-channel contributions x̂ and the target ŷ of one consumer on one batch."""
+    sampler = _sampler(consumer, node, x.shape, weight, count, rng)
+    contrib = sampler(x, weight)
+    axis = consumer.kind.channel_axis(x.ndim)
+    indicator = channel_indicator(consumer.weight.layout, channels, x.shape[axis])
+    per_channel = contrib @ indicator
+    # The target is the group's share of the output; other inputs of the consumer
+    # (a Concat's foreign entries) are not touched by this selection.
+    target = per_channel.sum(axis=1)
+    if ref_x is not None:
+        target = target + sampler(ref_x, ref_weight).sum(axis=1) - contrib.sum(axis=1)
+    entry.add(per_channel, target)
+    _count_zeros(entry, x, axis, indicator)
+
+
+def refit_statistics(
+    model: onnx.ModelProto,
+    group: ChannelGroup,
+    kept: np.ndarray,
+    stats: dict[str, ConsumerStats],
+    current: SegmentRunner,
+    reference: SegmentRunner | None = None,
+    reference_model: onnx.ModelProto | None = None,
+    *,
+    seed: int = 0,
+    kept_outputs: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Second sweep, once `kept` is chosen: statistics to refit each consumer on the kept inputs.
+
+    Only the kept input positions are sampled, so the moments are (kept · window)² instead of
+    the full layer's; the targets are every output of the (reference) consumer at that place.
+    Attaches a RefitStats (`columns_kept=True`) to stats[consumer.node].
+    """
+    consumers = list(group.consumers)
+    source, source_model = (reference, reference_model) if reference is not None else (current, model)
+    weights = _reference_weights(source_model, consumers, kept_outputs if reference else None)
+    biases = {c.node: _filters(_consumer_bias(source_model, c), c,
+                               (kept_outputs or {}).get(c.node) if reference else None, bias=True)
+              for c in consumers}
+    nodes = {n.name: n for n in model.graph.node}
+    rng = np.random.default_rng(seed)
+    images = len(current.batching.indices)
+    for batch in range(current.batching.count):
+        first = current.batching.first_image(batch)
+        for consumer in consumers:
+            x = current.get(consumer.input, batch)
+            ref_x = source.get(consumer.input, batch) if reference is not None else x
+            axis = consumer.kind.channel_axis(x.ndim)
+            lost = removed_positions(consumer.weight.layout, kept, group.channels, x.shape[axis])
+            _add_refit(stats[consumer.node], consumer, nodes[consumer.node], np.delete(x, lost, axis=axis),
+                       ref_x, weights[consumer.node], biases[consumer.node], lost, images, rng, first)
+
+
+def _reference_weights(model, consumers, kept_outputs) -> dict[str, np.ndarray]:
+    maps = kept_outputs or {}
+    return {c.node: _filters(_consumer_weight(model, c), c, maps.get(c.node)) for c in consumers}
 
 
 def _sampler(consumer: Consumer, node, x_shape, weight, count: int, rng):
     """Draw sample positions once; the returned function evaluates them on any (x, weight)."""
-    if consumer.kind == "conv":
-        geometry = _conv_geometry(node, x_shape, weight.shape)
+    if consumer.kind.windowed:
+        view = _conv_view(consumer, node)
+        conv_node, shape = view.node, view.shape(x_shape)
+        geometry = _conv_geometry(conv_node, shape, weight.shape)
         positions = conv_positions(x_shape[0], weight.shape[0], geometry, count, rng)
-        return lambda x, w: conv_contributions(x, w, geometry, positions)
+        return lambda x, w: conv_contributions(view.input(x), w, geometry, positions)
     rows = int(np.prod(x_shape[:-1], dtype=np.int64))
     positions = linear_positions(rows, weight.shape[1], count, rng)
     return lambda x, w: linear_contributions(x, w, positions)
 
 
-def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight, bias,
+def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight, bias, lost,
                images: int, rng, first_image: int) -> None:
-    """Sample whole consumer inputs at random places; targets are all outputs there."""
-    if consumer.kind == "conv":
-        dims = int(np.prod(weight.shape[1:]))
-        geometry = _conv_geometry(node, x.shape, weight.shape)
-        places = int(np.prod(geometry.out_size))
-        per_image = min(places, max(10, math.ceil(10 * dims / max(images, 1))))
-        at = conv_positions(x.shape[0], 1, geometry, per_image, rng)
-        inputs = conv_patches(x, weight.shape, geometry, at).reshape(len(at.row), -1)
-        ref_inputs = conv_patches(ref_x, weight.shape, geometry, at).reshape(len(at.row), -1)
-        targets = ref_inputs @ weight.reshape(weight.shape[0], -1).T.astype(np.float64) + bias
-        image = at.row
+    """Sample kept consumer inputs `x` at random places; targets are all outputs there."""
+    if consumer.kind.windowed:
+        view = _conv_view(consumer, node)
+        inputs, targets, image = _conv_refit_rows(view.node, view.input(x), view.input(ref_x), weight, bias,
+                                                  images, rng)
     else:
-        inputs = x.reshape(-1, x.shape[-1])
-        targets = ref_x.reshape(-1, ref_x.shape[-1]).astype(np.float64) @ weight + bias
-        image = np.arange(len(inputs)) // (len(inputs) // x.shape[0])
-    if entry.refit is None:
-        prior = weight.reshape(weight.shape[0], -1).T if consumer.kind == "conv" else weight
-        in_channels = x.shape[1 if consumer.kind == "conv" else -1]
-        entry.refit = RefitStats(inputs.shape[1], targets.shape[1], in_channels, prior.astype(np.float64))
+        inputs, targets, image = _linear_refit_rows(x, ref_x, weight, bias)
+    if entry.refit is None:  # the prior (a copy of the kept weight) only once
+        if consumer.kind.windowed:
+            prior = np.delete(weight, lost, axis=1)
+            prior = prior.reshape(prior.shape[0], -1).T
+        else:
+            prior = np.delete(weight, lost, axis=0)
+        in_channels = x.shape[consumer.kind.channel_axis(x.ndim)]
+        rows = _refit_rows_expected(consumer, inputs.shape[1], len(inputs), images, x.shape[0])
+        entry.refit = RefitStats(inputs.shape[1], targets.shape[1], in_channels, prior.astype(np.float64),
+                                 columns_kept=True, expected_rows=rows)
     entry.refit.add(inputs, targets, (first_image + image) % 2 == 1)
+
+
+def _conv_refit_rows(node, x, ref_x, weight, bias, images: int, rng):
+    """Windows of the kept inputs and the reference conv's outputs at the same places."""
+    kept_shape = (weight.shape[0], x.shape[1], *weight.shape[2:])
+    dims = int(np.prod(kept_shape[1:]))
+    geometry = _conv_geometry(node, x.shape, kept_shape)
+    places = int(np.prod(geometry.out_size))
+    per_image = min(places, max(10, math.ceil(20 * dims / max(images, 1))))
+    at = conv_positions(x.shape[0], 1, geometry, per_image, rng)
+    inputs = conv_patches(x, kept_shape, geometry, at).reshape(len(at.row), -1)
+    ref_inputs = conv_patches(ref_x, weight.shape, geometry, at).reshape(len(at.row), -1)
+    targets = ref_inputs @ weight.reshape(weight.shape[0], -1).T.astype(np.float64) + bias
+    return inputs, targets, at.row
+
+
+def _linear_refit_rows(x, ref_x, weight, bias):
+    inputs = x.reshape(-1, x.shape[-1])
+    targets = ref_x.reshape(-1, ref_x.shape[-1]).astype(np.float64) @ weight + bias
+    return inputs, targets, np.arange(len(inputs)) // (len(inputs) // x.shape[0])
+
+
+def _refit_rows_expected(consumer: Consumer, dims: int, rows: int, images: int, batch: int) -> int:
+    """Rows the whole calibration set will give (to choose moments or kept samples)."""
+    return int(math.ceil(rows / max(batch, 1) * images))
+
+
+@dataclass(frozen=True)
+class _ConvView:
+    """A windowed consumer as the plain Conv it is sampled as (`ConsumerKind.conv_attributes`)."""
+
+    node: onnx.NodeProto
+    consumer: Consumer
+    attrs: dict
+
+    def input(self, x: np.ndarray) -> np.ndarray:
+        return self.consumer.kind.conv_input(x, self.attrs)
+
+    def shape(self, x_shape) -> tuple[int, ...]:
+        probe = np.zeros((1, 1, *x_shape[2:]), np.float32)
+        return (*x_shape[:2], *self.input(probe).shape[2:])
+
+
+def _conv_view(consumer: Consumer, node: onnx.NodeProto) -> _ConvView:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    conv = helper.make_node("Conv", list(node.input), list(node.output),
+                            **consumer.kind.conv_attributes(attrs))
+    return _ConvView(conv, consumer, attrs)
 
 
 def _filters(values, consumer: Consumer, kept: np.ndarray | None, bias: bool = False):
     """The reference's weight or bias restricted to the output filters the consumer still has."""
     if kept is None or np.ndim(values) == 0:
         return values
-    if bias or consumer.kind == "conv":
-        return values[kept]
-    return values[:, kept]
+    return np.take(values, kept, axis=0 if bias else consumer.kind.filter_axis)
 
 
 def _consumer_bias(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray | float:
     """The consumer's additive bias per output (0 when it has none)."""
     node = next(n for n in model.graph.node if n.name == consumer.node)
-    if consumer.kind == "conv" or node.op_type == "Gemm":
+    if consumer.kind.windowed or node.op_type == "Gemm":
         if len(node.input) < 3 or not node.input[2]:
             return 0.0
         tensor = next((t for t in model.graph.initializer if t.name == node.input[2]), None)
@@ -245,11 +331,9 @@ def _consumer_weight(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray:
     node = next(n for n in model.graph.node if n.name == consumer.node)
     name = node.input[consumer.weight.input_index]
     tensor = next(t for t in model.graph.initializer if t.name == name)
-    weight = numpy_helper.to_array(tensor).astype(np.float32)
-    if consumer.kind == "conv":
-        return weight
-    if consumer.transpose:
-        weight = weight.T
+    weight = consumer.kind.working(numpy_helper.to_array(tensor).astype(np.float32), consumer.transpose)
+    if consumer.kind.windowed:
+        return np.ascontiguousarray(weight)
     alpha = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "alpha"), 1.0)
     return weight * np.float32(alpha)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -15,35 +16,74 @@ __all__ = [
     "make_session",
     "providers_for",
     "run_model",
+    "session_providers",
     "truncated_model",
 ]
 
 logger = logging.getLogger(__name__)
 
+_warned: set[str] = set()  # one fallback warning per reason and process
+
+
 def providers_for(device: str) -> list[str]:
-    """onnxruntime providers for `auto|cpu|cuda`; CUDA only when the GPU build can use it."""
+    """onnxruntime providers for `auto|cpu|cuda`; CUDA only when the GPU build offers it.
+
+    `cuda` without a CUDA provider warns once and runs on the CPU.
+    """
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise ThinetError(
-                "device cuda: onnxruntime has no CUDA provider here "
-                "(pip install onnxruntime-gpu, and check the GPU driver)", params=("device",)
-            )
+    if device not in ("auto", "cuda"):
+        raise ThinetError(f"device must be auto, cpu or cuda (got {device!r})", params=("device",))
+    if "CUDAExecutionProvider" in available:
+        _preload_cuda_libraries()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "auto":
-        if "CUDAExecutionProvider" in available:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
-    raise ThinetError(f"device must be auto, cpu or cuda (got {device!r})", params=("device",))
+    if device == "cuda":
+        _warn_once("no-provider", "--device cuda: this onnxruntime has no CUDA execution provider "
+                   "(pip install onnxruntime-gpu); running on the CPU")
+    return ["CPUExecutionProvider"]
 
 
 def make_session(model: onnx.ModelProto, device: str = "cpu") -> ort.InferenceSession:
+    """A session on `device`; warns once when CUDA was asked for but the session does not use it
+    (onnxruntime falls back to the CPU silently when the CUDA libraries cannot be loaded)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     data = model.SerializeToString()
-    return ort.InferenceSession(data, opts, providers=providers_for(device))
+    providers = providers_for(device)
+    session = ort.InferenceSession(data, opts, providers=providers)
+    if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in session.get_providers():
+        _warn_once("not-used", f"--device {device}: onnxruntime could not start its CUDA execution "
+                   "provider (CUDA or cuDNN libraries missing?); running on the CPU")
+    return session
+
+
+def session_providers(device: str) -> list[str]:
+    """The providers a session on `device` really uses, from a one-node model."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+    return list(make_session(model, device).get_providers())
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Let onnxruntime-gpu load CUDA and cuDNN from pip's nvidia-* wheels (torch installs them);
+    without this it only searches the system library path and silently falls back to the CPU."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # a missing wheel is normal; the session check below still warns
+        logger.debug("onnxruntime.preload_dlls: %s", exc)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
 
 
 def run_model(

@@ -1,4 +1,7 @@
-"""Conv, ConvTranspose, Gemm, MatMul: the layers with weights, channel consumers and producers."""
+"""Conv, ConvTranspose, Gemm, MatMul: the layers with weights, channel consumers and producers.
+
+A grouped Conv carries whole groups along; a ConvTranspose reads the channels as its input
+channels (a per-channel one, bilinear upsampling in decoders, carries them along)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from onnx_thinet.channels.consumers import CONV, CONV_TRANSPOSE, LINEAR
 from onnx_thinet.channels.layout import AttrUpdate, Consumer, Layout, ParamSlice
 from onnx_thinet.channels.rules import Blocked, Consumed, Flow, Through, on_data
 from onnx_thinet.ops.registry import register
@@ -36,17 +40,17 @@ def conv_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     weight = ctx.const(node, 1)
     if weight is None:
         return Blocked("Conv weight is not a constant initializer")
-    if flow.axis != 1 or ctx.outer(flow) != 1:
+    if flow.axis != 1 or ctx.outer(flow) is None:
         return Blocked("Conv reads channels on another axis")
     group = ctx.attr(node, "group", 1)
     in_channels = ctx.length(flow) or weight.shape[1] * group
     if group == 1:
         if weight.ndim not in (3, 4):
             return Blocked(f"{weight.ndim - 2}-D Conv consumers are not supported")
-        return Consumed(Consumer(node.name, "conv", flow.tensor, ParamSlice(node.name, 1, 1, flow.layout)))
-    if group == in_channels and weight.shape[1] == 1:
+        return Consumed(Consumer(node.name, CONV, flow.tensor, ParamSlice(node.name, 1, 1, flow.layout)))
+    if group == in_channels and weight.shape[1] == 1 and ctx.outer(flow) == 1:
         return _depthwise(node, flow, weight, in_channels)
-    return Blocked(f"grouped Conv (group={group}) mixes channels within groups")
+    return grouped_conv(ctx, node, flow, weight, group, in_channels)
 
 
 def _depthwise(node: onnx.NodeProto, flow: Flow, weight: np.ndarray, in_channels: int) -> Step:
@@ -62,6 +66,62 @@ def _depthwise(node: onnx.NodeProto, flow: Flow, weight: np.ndarray, in_channels
     )
 
 
+def grouped_conv(ctx: RuleContext, node: onnx.NodeProto, flow: Flow, weight, group: int, in_channels) -> Step:
+    """A grouped Conv carries whole input groups to their output groups when every channel of
+    the group's layout spans whole input groups (the producer is then cut by groups)."""
+    per_group = int(weight.shape[1])
+    if in_channels != group * per_group or flow.layout.inner % per_group or ctx.outer(flow) != 1:
+        return Blocked(f"grouped Conv (group={group}) mixes channels within groups")
+    out_inner = flow.layout.inner // per_group * (weight.shape[0] // group)
+    out_layout = Layout(flow.layout.segments, flow.layout.total, out_inner)
+    slices = [ParamSlice(node.name, 1, 0, out_layout)]
+    if len(node.input) > 2 and node.input[2]:
+        slices.append(ParamSlice(node.name, 2, 0, out_layout))
+    return Through((Flow(node.output[0], 1, out_layout),), tuple(slices),
+                   (AttrUpdate(node.name, "group", flow.layout, in_channels, per_group),))
+
+
+@on_data
+def conv_transpose_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
+    weight = ctx.const(node, 1)
+    if weight is None:
+        return Blocked("ConvTranspose weight is not a constant initializer")
+    if flow.axis != 1 or ctx.outer(flow) != 1:
+        return Blocked("ConvTranspose reads channels on another axis")
+    group = ctx.attr(node, "group", 1)
+    if group != 1 and group == ctx.length(flow):
+        return _depthwise_transposed(node, flow, weight, group)
+    if group != 1:
+        return Blocked("grouped ConvTranspose mixes channels within groups")
+    if weight.ndim not in (3, 4):
+        return Blocked(f"{weight.ndim - 2}-D ConvTranspose consumers are not supported")
+    auto_pad = ctx.attr(node, "auto_pad", b"NOTSET")
+    if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
+        return Blocked("ConvTranspose with auto_pad is not supported as a consumer")
+    if ctx.attr(node, "output_shape") is not None or ctx.attr(node, "kernel_shape") is None:
+        return Blocked("ConvTranspose needs kernel_shape and no output_shape to be a consumer")
+    spatial = weight.ndim - 2
+    pads = ctx.attr(node, "pads", [0] * (2 * spatial))
+    dilations = ctx.attr(node, "dilations", [1] * spatial)
+    reach = [d * (k - 1) for d, k in zip(dilations, weight.shape[2:])]
+    if any(p > r for p, r in zip(pads, reach * 2)):
+        return Blocked("ConvTranspose pads exceed its kernel reach")
+    cut = ParamSlice(node.name, 1, 0, flow.layout)
+    return Consumed(Consumer(node.name, CONV_TRANSPOSE, flow.tensor, cut))
+
+
+def _depthwise_transposed(node: onnx.NodeProto, flow: Flow, weight, group: int) -> Step:
+    """A per-channel ConvTranspose (bilinear upsampling in segmentation decoders) carries the
+    channels along: its weight [C, m, k...] loses rows, its outputs come m per channel."""
+    multiplier = int(weight.shape[1])
+    out_layout = Layout(flow.layout.segments, flow.layout.total, flow.layout.inner * multiplier)
+    slices = [ParamSlice(node.name, 1, 0, flow.layout)]
+    if len(node.input) > 2 and node.input[2]:
+        slices.append(ParamSlice(node.name, 2, 0, out_layout))
+    return Through((Flow(node.output[0], 1, out_layout),), tuple(slices),
+                   (AttrUpdate(node.name, "group", flow.layout, group),))
+
+
 @on_data
 def gemm_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if ctx.attr(node, "transA", 0):
@@ -72,7 +132,7 @@ def gemm_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
         return Blocked("Gemm reads channels on another axis")
     transposed = bool(ctx.attr(node, "transB", 0))
     weight = ParamSlice(node.name, 1, 1 if transposed else 0, flow.layout)
-    return Consumed(Consumer(node.name, "linear", flow.tensor, weight, transpose=transposed))
+    return Consumed(Consumer(node.name, LINEAR, flow.tensor, weight, transpose=transposed))
 
 
 @on_data
@@ -84,7 +144,7 @@ def matmul_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if rank is None or flow.axis != rank - 1:
         return Blocked("MatMul reads channels on another axis")
     weight_slice = ParamSlice(node.name, 1, 0, flow.layout)
-    return Consumed(Consumer(node.name, "linear", flow.tensor, weight_slice, bias_index=None))
+    return Consumed(Consumer(node.name, LINEAR, flow.tensor, weight_slice, bias_index=None))
 
 
 # ---------------------------------------------------------------- translators
@@ -141,7 +201,7 @@ def _conv(g: Codegen, node: onnx.NodeProto) -> None:
     g.emit(node, f"self.{attr}({x})")
 
 
-@register("ConvTranspose")
+@register("ConvTranspose", rule=conv_transpose_rule)
 def _conv_transpose(g: Codegen, node: onnx.NodeProto) -> None:
     """nn.ConvTranspose; asymmetric pads are cropped from the unpadded output."""
     a = attrs(node)

@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto
 
 from onnx_thinet.check.measure import max_relative_error
-from onnx_thinet.errors import ThinetError
+from onnx_thinet.errors import InternalError, ThinetError
 from onnx_thinet.io.feeds import dummy_feeds
 from onnx_thinet.io.files import atomic_write
 from onnx_thinet.io.graph import graph_inputs, load_model, opset_version
@@ -113,7 +113,7 @@ def export_torch_model(
         raise ThinetError(f"{source} has an empty graph")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ThinetError(f"--output must be a directory: {out} is a file")
+        raise ThinetError(f"output must be a directory: {out} is a file", params=("output",))
     gen = Codegen(model, set(dir(torch.nn.Module)) | {"Model"})
     gen.run()
     text = render(gen, source)
@@ -178,8 +178,9 @@ def _reference_run(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[
 
 
 def _verify_export(model: onnx.ModelProto, model_py: Path, tol: float = _VERIFY_TOL) -> None:
-    """Compare the generated module with onnxruntime on the model's dummy input; raise if they
-    differ by more than `tol` (relative), or if either side cannot run."""
+    """Compare the generated module with onnxruntime on the model's dummy input (io's rule for
+    symbolic dims); raise InternalError if they differ by more than `tol` (relative) or the
+    module cannot run (a translation bug), ThinetError if onnxruntime cannot run the model."""
     torch = require_torch()
     feeds, ref = _reference_run(model)
     module = load_exported(model_py)
@@ -187,7 +188,7 @@ def _verify_export(model: onnx.ModelProto, model_py: Path, tol: float = _VERIFY_
         with torch.no_grad():
             got = module(*[torch.from_numpy(v) for v in feeds.values()])
     except Exception as exc:
-        raise ThinetError(
+        raise InternalError(
             f"the generated module fails on a dummy input ({type(exc).__name__}: {exc}); "
             "nothing was written; please report this as an onnx-thinet bug"
         ) from exc
@@ -195,7 +196,7 @@ def _verify_export(model: onnx.ModelProto, model_py: Path, tol: float = _VERIFY_
     for name, r, t in zip([o.name for o in model.graph.output], ref, got, strict=False):
         err = max_relative_error(r, t.numpy())
         if err > tol:
-            raise ThinetError(
+            raise InternalError(
                 f"the generated module disagrees with onnxruntime on output '{name}' "
                 f"(relative error {err:.2e} > {tol:.0e}); nothing was written; "
                 "please report this as an onnx-thinet bug"

@@ -25,7 +25,15 @@ from onnx_thinet.solve.solvers import (
     select_thinet_ls,
 )
 
-__all__ = ["METHODS", "RECONSTRUCTIONS", "Refit", "Selection", "choose_channels"]
+__all__ = [
+    "METHODS",
+    "RECONSTRUCTIONS",
+    "Refit",
+    "Selection",
+    "choose_channels",
+    "reconstruct_channels",
+    "select_channels",
+]
 
 METHODS = ("thinet", "thinet-ls", "l1", "apoz", "random", "lasso")
 RECONSTRUCTIONS = ("none", "scale", "full")
@@ -62,12 +70,25 @@ def choose_channels(
     """Pick `keep` channels with `method` (several consumers: their samples stacked), then
     reconstruct: `none` slices, `scale` fits one factor per kept channel, `full` re-fits every
     consumer weight and bias on the kept inputs."""
+    kept = select_channels(method, group, stats, keep, filter_l1, rng)
+    return reconstruct_channels(reconstruct, group, stats, kept, ridge)
+
+
+def select_channels(method: str, group: ChannelGroup, stats: Mapping[str, ConsumerStats], keep: int,
+                    filter_l1: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The `keep` input channels `method` picks (several consumers: their samples stacked)."""
     if method not in METHODS:
         raise ThinetError(f"method must be one of {', '.join(METHODS)} (got {method!r})", params=("method",))
+    total = reduce(ConsumerStats.merged, stats.values())
+    return _select(method, total, keep, filter_l1, rng)
+
+
+def reconstruct_channels(reconstruct: str, group: ChannelGroup, stats: Mapping[str, ConsumerStats],
+                         kept: np.ndarray, ridge: float | None = None) -> Selection:
+    """Reconstruct the consumers on `kept`: `none` slices, `scale` fits one factor per kept
+    channel, `full` re-fits every consumer weight and bias (needs their RefitStats)."""
     if reconstruct not in RECONSTRUCTIONS:
         raise ThinetError(f"reconstruct must be one of {', '.join(RECONSTRUCTIONS)}", params=("reconstruct",))
-    total = reduce(ConsumerStats.merged, stats.values())
-    kept = _select(method, total, keep, filter_l1, rng)
     ones = np.ones(len(kept))
     before = _stacked_error(stats, kept, {name: ones for name in stats})
     if reconstruct == "none":
@@ -120,6 +141,8 @@ def _refit_consumers(group: ChannelGroup, stats, kept: np.ndarray, before: float
 
 def _refit_columns(consumer: Consumer, channels: int, refit, kept: np.ndarray) -> np.ndarray:
     """Refit inputs that survive: every window position of every input position not removed."""
+    if refit.columns_kept:
+        return np.arange(refit.dims)
     lost = removed_positions(consumer.weight.layout, kept, channels, refit.in_channels)
     inputs = np.setdiff1d(np.arange(refit.in_channels), lost)
     window = refit.dims // refit.in_channels

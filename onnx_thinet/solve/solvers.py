@@ -16,6 +16,7 @@ from scipy import linalg
 __all__ = [
     "RIDGE_GRID",
     "FitMoments",
+    "FitSamples",
     "choose_ridge",
     "keep_count",
     "reconstruction_error",
@@ -166,6 +167,92 @@ class FitMoments:
         return out
 
 
+@dataclass
+class FitSamples:
+    """The rows themselves, for a regression with fewer rows than inputs (a wide linear layer).
+
+    With n < dims rows, an n×n kernel replaces the dims² moment matrix: memory n·dims, not
+    dims² (25,088² float64 is 5 GB for VGG-16's first FC layer), and the same solution.
+    """
+
+    dims: int
+    outputs: int
+    inputs: list[np.ndarray] = field(default_factory=list)
+    targets: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, inputs: np.ndarray, targets: np.ndarray) -> None:
+        self.inputs.append(np.asarray(inputs, dtype=np.float64))
+        self.targets.append(np.asarray(targets, dtype=np.float64))
+
+    def __add__(self, other: FitSamples) -> FitSamples:
+        return FitSamples(self.dims, self.outputs, self.inputs + other.inputs, self.targets + other.targets)
+
+    def rows(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = np.concatenate(self.inputs) if self.inputs else np.zeros((0, self.dims))
+        t = np.concatenate(self.targets) if self.targets else np.zeros((0, self.outputs))
+        return p[:, columns], t
+
+    @property
+    def count(self) -> int:
+        return sum(len(p) for p in self.inputs)
+
+    @property
+    def target_sq(self) -> float:
+        return float(sum(np.sum(t * t) for t in self.targets))
+
+
+def _dual_problem(m: FitSamples, columns: np.ndarray, intercept: bool, prior: np.ndarray | None):
+    """Centred rows Pc, residual R = Tc − Pc W₀, kernel eigen-pairs, means and the mean variance."""
+    p, t = m.rows(columns)
+    mean_p = p.mean(axis=0) if intercept and len(p) else np.zeros(p.shape[1])
+    mean_t = t.mean(axis=0) if intercept and len(t) else np.zeros(t.shape[1])
+    pc, tc = p - mean_p, t - mean_t
+    base = np.zeros((p.shape[1], t.shape[1])) if prior is None else _rows(prior, columns)
+    residual = tc - pc @ base
+    values, vectors = linalg.eigh(pc @ pc.T)
+    mean_var = max(float(np.sum(pc * pc)) / max(len(columns), 1), 1e-30)
+    return pc, residual, values, vectors, mean_p, mean_t, base, mean_var
+
+
+def _rows(matrix: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """matrix[columns] without a copy when the columns are all rows in order (a wide FC prior)."""
+    if len(columns) == len(matrix) and np.array_equal(columns, np.arange(len(matrix))):
+        return matrix
+    return matrix[columns]
+
+
+def _dual_gain(values: np.ndarray, ridge: float, mean_var: float) -> np.ndarray:
+    """1/(s + λ) on the kernel's eigenvalues; directions no row sees keep W₀ (min-norm change)."""
+    floor = max(float(values.max(initial=0.0)), 1e-30) * 1e-12
+    shrink = values + ridge * mean_var
+    return np.where(shrink > floor, 1.0 / np.maximum(shrink, floor), 0.0)
+
+
+def _refit_dual(m: FitSamples, columns, intercept: bool, ridge: float, prior):
+    pc, residual, values, vectors, mean_p, mean_t, base, mean_var = _dual_problem(m, columns, intercept, prior)
+    coef = vectors @ (_dual_gain(values, ridge, mean_var)[:, None] * (vectors.T @ residual))
+    weights = base + pc.T @ coef
+    bias = mean_t - mean_p @ weights if intercept else np.zeros(m.outputs)
+    return weights, bias
+
+
+def _choose_ridge_dual(folds, columns, intercept: bool, prior, grid) -> float:
+    """`choose_ridge` on kept rows: each fold's prediction of the other, through n×n kernels."""
+    errors = np.zeros(len(grid))
+    for train, test in ((folds[0], folds[1]), (folds[1], folds[0])):
+        pc, residual, values, vectors, mean_p, mean_t, base, mean_var = _dual_problem(
+            train, columns, intercept, prior)
+        p_test, t_test = test.rows(columns)
+        q = p_test - mean_p
+        fixed = q @ base + mean_t - t_test
+        across = (q @ pc.T) @ vectors
+        projected = vectors.T @ residual
+        for k, ridge in enumerate(grid):
+            pred = fixed + across @ (_dual_gain(values, ridge, mean_var)[:, None] * projected)
+            errors[k] += float(np.sum(pred * pred))
+    return float(grid[int(np.argmin(errors))])
+
+
 def _centered(m: FitMoments, columns: np.ndarray, intercept: bool) -> tuple[np.ndarray, np.ndarray]:
     """Normal equations of the weights alone; with an intercept, inputs and targets are centred."""
     g = m.gram[np.ix_(columns, columns)]
@@ -200,6 +287,8 @@ def refit_least_squares(
     stays near the unpruned layer instead of near zero.
     """
     columns = np.asarray(columns, dtype=np.int64)
+    if isinstance(moments, FitSamples):
+        return _refit_dual(moments, columns, intercept, ridge, prior)
     g, c = _centered(moments, columns, intercept)
     penalty = ridge * max(float(np.trace(g)) / max(len(columns), 1), 1e-30)
     base = np.zeros_like(c) if prior is None else prior[columns]
@@ -214,7 +303,12 @@ def refit_least_squares(
 
 def refit_error(moments: FitMoments, columns: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> float:
     """Relative error ‖T − P W − 1 bᵀ‖ / ‖T‖ of a refit, from the moments alone."""
-    sq = _squared_error(moments, np.asarray(columns, dtype=np.int64), weights, bias)
+    if isinstance(moments, FitSamples):
+        p, t = moments.rows(np.asarray(columns, dtype=np.int64))
+        diff = t - p @ weights - bias
+        sq = float(np.sum(diff * diff))
+    else:
+        sq = _squared_error(moments, np.asarray(columns, dtype=np.int64), weights, bias)
     return float(np.sqrt(max(sq, 0.0) / moments.target_sq)) if moments.target_sq > 0 else 0.0
 
 
@@ -246,6 +340,8 @@ def choose_ridge(
     columns = np.asarray(columns, dtype=np.int64)
     if min(f.count for f in folds) <= 1:
         return 1e-2
+    if isinstance(folds[0], FitSamples):
+        return _choose_ridge_dual(folds, columns, intercept, prior, grid)
     errors = np.zeros(len(grid))
     for train, test in ((folds[0], folds[1]), (folds[1], folds[0])):
         g, c = _centered(train, columns, intercept)

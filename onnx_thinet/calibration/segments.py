@@ -1,0 +1,267 @@
+"""Run a network segment by segment: each pass computes only what changed since the last one.
+
+A `SegmentRunner` keeps, in an `ActivationStore`, the tensors of the calibration set that later
+passes still need (the cut between what has run and what has not). Asked for some tensors, it
+builds the smallest sub-graph from stored tensors and the model inputs to them, runs it over
+the calibration batches and stores its outputs and the new cut. When layers are pruned, the
+stored tensors downstream of them are dropped, except the consumers' inputs, which only lose
+the removed channels' positions (the kept channels' values do not change).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnx_thinet.calibration.runtime import make_session
+from onnx_thinet.io.graph import graph_inputs
+from onnx_thinet.calibration.store import ActivationStore
+from onnx_thinet.io.data import CalibrationData
+
+__all__ = ["Batching", "SegmentRunner", "downstream_nodes", "fixed_batch"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Calibration images `indices` cut into batches of `size`, run `run_size` at a time.
+
+    A model with a fixed batch dimension runs pieces of exactly `run_size` images (the last one
+    padded); statistics still see batches of `size`, so a batch-1 model costs no more Python.
+    """
+
+    indices: np.ndarray
+    size: int
+    run_size: int | None = None  # the model's fixed batch; None: any
+
+    @property
+    def count(self) -> int:
+        return -(-len(self.indices) // self.size)
+
+    def rows(self, batch: int) -> np.ndarray:
+        return self.indices[batch * self.size : (batch + 1) * self.size]
+
+    def first_image(self, batch: int) -> int:
+        return batch * self.size
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size every input of `model` fixes (its first dim), or None when it is free."""
+    sizes = set()
+    for value in graph_inputs(model):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            sizes.add(int(dims[0].dim_value))
+    return min(sizes) if sizes else None
+
+
+class SegmentRunner:
+    """One model's stored activations over the calibration batches, advanced segment by segment."""
+
+    def __init__(self, data: CalibrationData, batching: Batching, store: ActivationStore,
+                 device: str, timings: dict[str, float]):
+        self.data, self.batching, self.store = data, batching, store
+        self.device, self.timings = device, timings
+        self.runs = 0
+
+    def ensure(self, model: onnx.ModelProto, targets: Sequence[str]) -> None:
+        """Compute `targets` for every batch (and store them with the cut later passes need)."""
+        graph = _Graph(model)
+        nodes = graph.needed_nodes(targets, self._available(graph))
+        if not nodes:
+            return
+        produced = {out for node in nodes for out in node.output if out}
+        keep = graph.cut(self._available(graph) | produced)
+        outputs = sorted((set(targets) | (produced & keep)) - self._available(graph))
+        inputs = sorted({i for n in nodes for i in n.input if i and i not in produced
+                         and i not in graph.initializers})
+        session = make_session(_segment_model(model, nodes, inputs, outputs), self.device)
+        graph_feeds = set(graph.inputs)
+        for batch in range(self.batching.count):
+            clock = time.perf_counter()
+            feeds = self._feeds(batch, inputs, graph_feeds)
+            self.timings["io"] = self.timings.get("io", 0.0) + time.perf_counter() - clock
+            clock = time.perf_counter()
+            values = self._run(session, outputs, feeds)
+            self.timings["onnxruntime"] = self.timings.get("onnxruntime", 0.0) + time.perf_counter() - clock
+            for name, value in zip(outputs, values):
+                self.store.put(name, batch, value)
+        self.runs += 1
+
+    def get(self, name: str, batch: int) -> np.ndarray:
+        return self.store.get(name, batch)
+
+    def prune(self, model: onnx.ModelProto, future: Iterable[str] = ()) -> None:
+        """Drop stored tensors that no later computation needs (call between passes).
+
+        Stored tensors downstream of `future` nodes (to be cut by later passes) will be
+        recomputed, so what they are computed from is kept too (a U-Net's skip tensors).
+        """
+        graph = _Graph(model)
+        available = self._available(graph)
+        unstable = graph.downstream_tensors(future)
+        keep = graph.cut(available) | graph.cut(available - unstable)
+        for name in self.store.names():
+            if name not in keep:
+                self.store.drop(name)
+
+    def invalidate(self, model: onnx.ModelProto, changed: Iterable[str],
+                   deletions: dict[str, tuple[int, np.ndarray]], exact: Iterable[str] = (),
+                   future: Iterable[str] = ()) -> None:
+        """Forget what depends on the `changed` nodes of the (pruned) `model`.
+
+        `deletions[tensor] = (axis, positions)` marks a consumer input whose stored values stay
+        valid once those positions are deleted; it must not lie downstream of `exact` nodes
+        (consumers whose weights changed), which invalidate everything after them.
+        """
+        graph = _Graph(model)
+        stale = graph.downstream_tensors(changed)
+        rewritten = graph.downstream_tensors(exact)
+        for name in self.store.names():
+            if name not in stale:
+                continue
+            if name in deletions and name not in rewritten:
+                axis, positions = deletions[name]
+                self.store.delete_positions(name, axis, positions)
+            else:
+                self.store.drop(name)
+        self.prune(model, future)
+
+    def _available(self, graph: _Graph) -> set[str]:
+        return {name for name in self.store.names() if name in self.store} | set(graph.inputs)
+
+    def _feeds(self, batch: int, inputs: list[str], graph_feeds: set[str]) -> dict[str, np.ndarray]:
+        feeds = {}
+        if graph_feeds & set(inputs):
+            feeds.update(self.data.batch(self.batching.rows(batch)))
+        for name in inputs:
+            if name not in graph_feeds:
+                feeds[name] = self.store.get(name, batch)
+        return {k: v for k, v in feeds.items() if k in inputs}
+
+    def _run(self, session, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one batch; a model with a fixed batch runs it in pieces, the last one padded."""
+        rows = len(next(iter(feeds.values())))
+        step = self.batching.run_size
+        if step is None or rows == step:
+            return session.run(outputs, feeds)
+        pieces = []
+        for start in range(0, rows, step):
+            piece = {k: v[start : start + step] for k, v in feeds.items()}
+            short = step - len(next(iter(piece.values())))
+            if short:
+                piece = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in piece.items()}
+            pieces.append([value[: step - short] for value in session.run(outputs, piece)])
+        return [np.concatenate(parts) for parts in zip(*pieces)]
+
+
+class _Graph:
+    """Producer/reader index of a model's nodes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.nodes = list(model.graph.node)
+        self.producer = {out: node for node in self.nodes for out in node.output if out}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.nodes:
+            for name in _node_inputs(node):
+                self.readers.setdefault(name, []).append(node)
+        self.initializers = {t.name for t in model.graph.initializer}
+        self.inputs = [v.name for v in graph_inputs(model)]
+        self.outputs = [v.name for v in model.graph.output]
+
+    def needed_nodes(self, targets: Iterable[str], available: set[str]) -> list[onnx.NodeProto]:
+        """Nodes to run, in graph order, to get `targets` from `available` tensors."""
+        chosen: set[int] = set()
+        stack = [t for t in targets if t not in available]
+        seen = set(stack)
+        while stack:
+            node = self.producer.get(stack.pop())
+            if node is None or id(node) in chosen:
+                continue
+            chosen.add(id(node))
+            for name in _node_inputs(node):
+                if name not in available and name not in self.initializers and name not in seen:
+                    seen.add(name)
+                    stack.append(name)
+        return [n for n in self.nodes if id(n) in chosen]
+
+    def cut(self, available: set[str]) -> set[str]:
+        """Available tensors that the graph outputs still need (walking back, stopping at them)."""
+        keep: set[str] = set()
+        seen: set[str] = set()
+        stack = list(self.outputs)
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in available:
+                keep.add(name)
+                continue
+            node = self.producer.get(name)
+            if node is not None:
+                stack.extend(i for i in _node_inputs(node) if i not in self.initializers)
+        return keep
+
+    def downstream_tensors(self, nodes: Iterable[str]) -> set[str]:
+        return downstream_nodes(self, nodes)[1]
+
+
+def downstream_nodes(graph: _Graph, names: Iterable[str]) -> tuple[set[str], set[str]]:
+    """Node names reachable from the nodes `names` (included), and every tensor they produce."""
+    by_name = {n.name: n for n in graph.nodes}
+    nodes: set[str] = set()
+    tensors: set[str] = set()
+    stack = [n for n in names if n in by_name]
+    while stack:
+        name = stack.pop()
+        if name in nodes:
+            continue
+        nodes.add(name)
+        for out in by_name[name].output:
+            if out and out not in tensors:
+                tensors.add(out)
+                stack.extend(r.name for r in graph.readers.get(out, []))
+    return nodes, tensors
+
+
+def _node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Inputs of a node, including those its subgraphs (If, Loop) read from the outer scope."""
+    names = [i for i in node.input if i]
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}
+            inner |= {t.name for t in sub.initializer}
+            names += [i for n in sub.node for i in _node_inputs(n) if i not in inner]
+    return names
+
+
+def _segment_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[str],
+                   outputs: list[str]) -> onnx.ModelProto:
+    """A model of `nodes` alone: `inputs` fed (stored tensors or model inputs), `outputs` read."""
+    graph = model.graph
+    types = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
+    needed = {i for n in nodes for i in _node_inputs(n)}
+    inits = [t for t in graph.initializer if t.name in needed]
+    new_graph = helper.make_graph(
+        nodes, graph.name or "segment", [_value(types, name) for name in inputs],
+        [_value(types, name) for name in outputs], inits,
+    )
+    segment = helper.make_model(new_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    segment.functions.extend(model.functions)
+    return segment
+
+
+def _value(types: dict[str, onnx.ValueInfoProto], name: str) -> onnx.ValueInfoProto:
+    """The tensor's element type, shape left free (stored tensors may have lost channels)."""
+    known = types.get(name)
+    if known is not None and known.type.HasField("tensor_type"):
+        return helper.make_tensor_value_info(name, known.type.tensor_type.elem_type, None)
+    return helper.make_value_info(name, onnx.TypeProto())

@@ -1,0 +1,155 @@
+"""The calibration engine: fixed-batch models, stored activations, memory refusal, progress, device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from onnx_thinet import SlimConfig, slim
+from onnx_thinet.calibration.store import ActivationStore
+from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.data import ArrayData
+from onnx_thinet.solve.solvers import FitMoments, FitSamples, choose_ridge, refit_least_squares
+from tests import builders
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fixed_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as an exporter writes it for batch 1: fixed input/output batch and a Reshape
+    whose constant spells the batch out."""
+    fixed = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = fixed.graph
+    for value in [*graph.input, *graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    out = graph.output[0]
+    dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(dims, np.int64), "fixed.shape"))
+    old = out.name
+    for node in graph.node:
+        node.output[:] = [o + ".raw" if o == old else o for o in node.output]
+    graph.node.append(helper.make_node("Reshape", [old + ".raw", "fixed.shape"], [old], name="fixed.reshape"))
+    onnx.checker.check_model(fixed, full_check=True)
+    return fixed
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
+
+
+@pytest.mark.parametrize("family", ["conv_chain", "pool_flatten_gemm"])
+def test_a_fixed_batch_model_calibrates_and_keeps_its_planted_channels(family):
+    model, dead = builders.FAMILIES[family]()
+    fixed = _fixed_batch(model)
+    calib = builders.calibration(model, n=37)  # not a multiple of anything
+    result = slim(fixed, ArrayData({"x": calib}), SlimConfig(keep_ratio=0.5, only=tuple(dead)))
+    by_producer = {g.producer: g for g in result.groups}
+    for producer, channels in dead.items():
+        assert set(by_producer[producer].kept).isdisjoint(channels)
+    x = builders.calibration(model, n=5, seed=3)
+    reference, slimmed = _run(fixed, x), _run(result.model, x)
+    assert np.abs(reference - slimmed).max() < 1e-4 * max(np.abs(reference).max(), 1.0)
+    assert result.verification.rel_error < 1e-4
+
+
+def test_the_activation_store_reads_back_from_disk_with_deleted_positions(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((3, 5, 4)).astype(np.float32) for _ in range(2)]
+    memory, disk = ActivationStore(2, ram_budget=1 << 30), ActivationStore(2, ram_budget=0)
+    try:
+        for store in (memory, disk):
+            for batch, array in enumerate(arrays):
+                store.put("t", batch, array)
+            store.delete_positions("t", 1, np.array([0, 3]))
+            store.delete_positions("t", -1, np.array([2]))
+            assert "t" in store and store.axis_length("t", 1) == 3 and store.axis_length("t", 2) == 3
+            for batch, array in enumerate(arrays):
+                expected = np.delete(np.delete(array, [0, 3], axis=1), [2], axis=2)
+                np.testing.assert_array_equal(store.get("t", batch), expected)
+        assert disk.disk_bytes > 0 and disk.ram_bytes == 0 and memory.disk_bytes == 0
+        disk.drop("t")
+        assert "t" not in disk and disk.disk_bytes == 0
+    finally:
+        memory.close()
+        disk.close()
+
+
+def test_kept_rows_give_the_moment_solution_when_rows_are_fewer_than_inputs():
+    """A wide layer keeps its rows (n × dims), not a dims² matrix: same refit, same ridge."""
+    rng = np.random.default_rng(4)
+    dims, outputs, rows = 60, 7, 24
+    prior = rng.standard_normal((dims, outputs))
+    folds_m = (FitMoments(dims, outputs), FitMoments(dims, outputs))
+    folds_s = (FitSamples(dims, outputs), FitSamples(dims, outputs))
+    for k in range(2):
+        p = rng.standard_normal((rows // 2, dims))
+        t = p @ (prior + 0.3 * rng.standard_normal((dims, outputs))) + 0.5 + 0.1 * rng.standard_normal((rows // 2, outputs))
+        folds_m[k].add(p, t)
+        folds_s[k].add(p, t)
+    columns = np.arange(0, dims, 2)
+    ridge = choose_ridge(folds_m, columns, prior=prior)
+    assert choose_ridge(folds_s, columns, prior=prior) == ridge
+    for value in (ridge, 0.1):
+        w_m, b_m = refit_least_squares(folds_m[0] + folds_m[1], columns, ridge=value, prior=prior)
+        w_s, b_s = refit_least_squares(folds_s[0] + folds_s[1], columns, ridge=value, prior=prior)
+        np.testing.assert_allclose(w_s, w_m, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(b_s, b_m, rtol=1e-6, atol=1e-8)
+
+
+def test_a_budget_below_one_image_is_refused_before_any_work():
+    model, _ = builders.conv_chain()
+    data = ArrayData({"x": builders.calibration(model, n=16)})
+    with pytest.raises(ThinetError, match="max_memory"):
+        slim(model, data, SlimConfig(max_memory=10_000))
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    model, _ = builders.conv_chain()
+    onnx.save(model, tmp_path / "net.onnx")
+    np.save(tmp_path / "calib.npy", builders.calibration(model, n=24))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("ONNX_THINET_PROGRESS", None)
+    command = [sys.executable, "-m", "onnx_thinet.cli", "slim", str(tmp_path / "net.onnx"),
+               "--calib", str(tmp_path / "calib.npy"), "--output", str(tmp_path / "out.onnx"), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def test_without_a_terminal_progress_is_one_line_per_pass_and_quiet_silences_it(tmp_path):
+    done = _cli(tmp_path, "--report", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr
+    passes = json.loads((tmp_path / "r.json").read_text())["forward_passes"]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("pass ")]
+    assert len(lines) == passes >= 2
+    assert lines[0].startswith(f"pass 1/{passes}: conv1 (elapsed ") and "ETA" in lines[0]
+    quiet = _cli(tmp_path, "--quiet", "--force")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+
+
+def test_max_memory_too_small_is_one_error_line_and_no_output(tmp_path):
+    done = _cli(tmp_path, "--max-memory", "20K")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: --max-memory") and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()
+    assert _cli(tmp_path, "--max-memory", "lots").stderr.startswith("error: --max-memory: cannot read")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
+                    reason="checks the fallback of an onnxruntime without CUDA")
+def test_device_cuda_without_a_cuda_onnxruntime_warns_once_and_runs_on_the_cpu(tmp_path):
+    done = _cli(tmp_path, "--device", "cuda", "--quiet", "--report", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "CUDA" in line]
+    assert len(warnings) == 1 and "running on the CPU" in warnings[0]
+    assert json.loads((tmp_path / "r.json").read_text())["providers"] == ["CPUExecutionProvider"]
