@@ -15,7 +15,9 @@ from functools import reduce
 import numpy as np
 import onnx
 
-from onnx_thinet.calibration.collect import ConsumerStats, collect_statistics
+from onnx_thinet.calibration.collect import ConsumerStats, channel_statistics
+from onnx_thinet.calibration.segments import Batching, SegmentRunner, fixed_batch
+from onnx_thinet.calibration.store import ActivationStore
 from onnx_thinet.channels.analysis import analyze
 from onnx_thinet.channels.layout import ChannelGroup
 from onnx_thinet.check.metrics import count_params, layer_costs
@@ -103,8 +105,13 @@ def error_curves(model: onnx.ModelProto, groups: Sequence[ChannelGroup], data: C
     `impacts[g]` ({keep ratio: the model's output error measured with group g alone pruned to
     that ratio}) converts curve g into one currency: relative error of the network's outputs.
     """
-    stats = collect_statistics(model, list(groups), data, indices, batch_size=batch_size,
-                               seed=seed, device=device)
+    batching = Batching(indices, batch_size, run_size=fixed_batch(model))
+    store = ActivationStore(batching.count, 1 << 30)
+    try:
+        runner = SegmentRunner(data, batching, store, device, {})
+        stats = channel_statistics(model, list(groups), runner, seed=seed)
+    finally:
+        store.close()
     curves = []
     for g, group in enumerate(groups):
         total = reduce(ConsumerStats.merged, stats[group.producer].values())
