@@ -18,7 +18,7 @@ from onnx_thinet.calibration.store import ActivationStore
 from onnx_thinet.channels.analysis import Analysis, analyze, quantization_refusal
 from onnx_thinet.channels.layout import ChannelGroup, Segment, channel_indicator, removed_positions
 from onnx_thinet.check.metrics import count_params, total_flops
-from onnx_thinet.check.verify import OutputComparison, check_model, compare_outputs
+from onnx_thinet.check.verify import OutputComparison, check_model, compare_outputs, output_warnings
 from onnx_thinet.errors import InternalError, ThinetError
 from onnx_thinet.io.data import CalibrationData
 from onnx_thinet.io.graph import (
@@ -87,6 +87,15 @@ class SlimConfig:
     only: tuple[str, ...] | None = None  # prune just these producers (the others are kept)
     finetune_data: str | None = None  # layer-by-layer schedule: fine-tune after each pass
     finetune_steps: int = 0
+    # budgets and the guard (onnx_thinet.budgeted): fractions of the original's cost / latency
+    target_flops: float | None = None
+    target_params: float | None = None
+    target_latency: float | None = None
+    round_to: int = 1  # planned keep counts are multiples of this (as --channel-multiple)
+    min_agreement: float | None = None  # held-out top-1 agreement the result must keep
+    max_error: float | None = None  # held-out relative output error the result must stay under
+    threads: int | None = None  # intra-op threads when measuring latency (None: all cores)
+    keep_counts: tuple[tuple[str, int], ...] | None = None  # planned per-producer keeps
     max_memory: int | None = None  # bytes; None: 80% of the memory available, at most 4 GB
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] | None = None  # FLOPs at this size, not the calibration's
 
@@ -114,6 +123,14 @@ class SlimConfig:
         if self.finetune_steps < 0 or (self.finetune_steps > 0) != (self.finetune_data is not None):
             raise ThinetError("finetune_data and finetune_steps (> 0) go together",
                               params=("finetune_data", "finetune_steps"))
+        from onnx_thinet.budgeted import validate_budget
+
+        validate_budget(self)
+
+    def searches(self) -> bool:
+        """Whether a budget or a guard decides the keep counts (not yet planned)."""
+        wanted = (self.target_flops, self.target_params, self.target_latency, self.min_agreement, self.max_error)
+        return self.keep_counts is None and any(v is not None for v in wanted)
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,9 @@ class SlimResult:
     forward_passes: int
     timings: dict[str, float] = field(default_factory=dict)
     config: SlimConfig = field(default_factory=SlimConfig)
+    warnings: list[str] = field(default_factory=list)
+    budget: dict | None = None  # set by budgeted runs: the plan and why
+    guard: dict | None = None  # set when --min-agreement / --max-error searched
     profile: dict[str, float] = field(default_factory=dict)  # where calibration time went
     memory: MemoryPlan | None = None
     providers: tuple[str, ...] = ()  # onnxruntime execution providers the calibration ran on
@@ -174,6 +194,10 @@ class SlimResult:
             "seconds": round(sum(self.timings.values()), 3),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "config": asdict(self.config),
+            "outputs": [asdict(o) for o in self.verification.outputs],
+            "warnings": list(self.warnings),
+            "budget": self.budget,
+            "guard": self.guard,
             "profile": {k: round(v, 3) for k, v in self.profile.items()},
             "memory_plan": None if self.memory is None else asdict(self.memory),
             "providers": list(self.providers),
@@ -247,6 +271,10 @@ def slim(
     """
     config = config or SlimConfig()
     config.validate()
+    if config.searches():
+        from onnx_thinet.budgeted import slim_budgeted
+
+        return slim_budgeted(model, data, config, progress)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     refusal = quantization_refusal(model)
@@ -272,6 +300,7 @@ def slim(
     timings["calibration"] = time.perf_counter() - clock
     clock = time.perf_counter()
     current = _finalize(current, model)
+    stamp_provenance(current, config, results)
     check_model(current)
     comparison = compare_outputs(model, current, data, held, fixed_batch(canonical) or plan.batch_size,
                                  config.device)
@@ -290,6 +319,7 @@ def slim(
         forward_passes=len(waves),
         timings=timings,
         config=config,
+        warnings=output_warnings(comparison, _worst_layer(results)),
         profile=profile,
         memory=plan,
         providers=providers,
@@ -388,7 +418,8 @@ def _prune_wave(engine: _Engine, current, wave, config: SlimConfig, rng, kept_ou
     applied = []
     for group in wave:
         clock = time.perf_counter()
-        keep = keep_count(group.channels, config.keep_ratio, config.channel_multiple)
+        keep = dict(config.keep_counts or ()).get(group.producer) or keep_count(
+            group.channels, config.keep_ratio, max(config.channel_multiple, config.round_to))
         kept = (select_channels(config.method, group, stats[group.producer], keep,
                                 _filter_l1(current, group), rng)
                 if keep < group.channels else np.arange(group.channels))
@@ -528,6 +559,36 @@ def _finalize(slimmed: onnx.ModelProto, original: onnx.ModelProto) -> onnx.Model
     del slimmed.metadata_props[:]
     slimmed.metadata_props.extend(original.metadata_props)
     return preserve_interface(original, infer_shapes(slimmed))
+
+
+def _worst_layer(results: list[GroupResult]) -> str | None:
+    pruned = [g for g in results if g.channels_after < g.channels_before]
+    if not pruned:
+        return None
+    worst = max(pruned, key=lambda g: g.error_after)
+    return f"{worst.producer}, {worst.error_after:.3f} at {worst.channels_after}/{worst.channels_before} channels"
+
+
+def stamp_provenance(model: onnx.ModelProto, config: SlimConfig, results: list[GroupResult]) -> None:
+    """Record in `metadata_props` what made this model: tool version, method, budget, keep counts."""
+    import json
+
+    from onnx_thinet import __version__
+
+    budget = {k: getattr(config, k) for k in ("keep_ratio", "target_flops", "target_params", "target_latency",
+                                              "min_agreement", "max_error", "round_to", "channel_multiple")
+              if getattr(config, k) is not None}
+    entries = {
+        "onnx_thinet.version": __version__,
+        "onnx_thinet.method": f"{config.method} (reconstruct {config.reconstruct})",
+        "onnx_thinet.budget": json.dumps(budget, sort_keys=True),
+        "onnx_thinet.keep_counts": json.dumps({g.producer: [g.channels_after, g.channels_before] for g in results}),
+    }
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
 
 
 def _sample_shapes(data: CalibrationData) -> dict[str, tuple[int, ...]]:

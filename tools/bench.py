@@ -3,6 +3,9 @@
     python tools/bench.py select                      # ThiNet greedy / OMP / LASSO / refit on big Grams
     python tools/bench.py latency ORIG.onnx SLIM.onnx # median latency ratio, same run, same machine
     python tools/bench.py memory --images 256 1024    # peak RSS of `slim` vs calibration-set size
+    python tools/bench.py budgets --test T.npz        # reference models: uniform 0.5 vs --target-flops, guard
+    python tools/bench.py targets --size 224          # full VGG-16: bench at keep 0.5, --target-latency 0.5
+    python tools/bench.py structure --size 224        # full VGG-16 vs its keep-0.5 shapes: latency only
     python tools/bench.py scale                       # VGG-16, ResNet-50 (224) and a batch-1 U-Net:
                                                       # slim time / one forward pass, peak RSS
 
@@ -53,35 +56,132 @@ def bench_select(channels: int, samples: int, repeats: int) -> dict:
     return out
 
 
-def bench_latency(models: list[str], batch: int, repeats: int, threads: int) -> list[dict]:
-    import onnxruntime as ort
+def bench_latency(models: list[str], batch: int, rounds: int, threads: int | None) -> list[dict]:
+    """Each model against the first with `onnx-thinet bench`'s code: one process and one session per
+    model, spinning off, alternating rounds (two sessions in one process understate the gain)."""
+    from onnx_thinet.check.bench import compare_latency
 
     results = []
-    sessions = []
-    for path in models:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        inp = session.get_inputs()[0]
-        shape = [batch if not isinstance(d, int) or d <= 0 else d for d in inp.shape]
-        shape[0] = batch
-        feeds = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-        sessions.append((path, session, feeds))
-    for _ in range(3):  # warm up all before timing any
-        for _, session, feeds in sessions:
-            session.run(None, feeds)
-    timings = {path: [] for path, _, _ in sessions}
-    for _ in range(repeats):  # interleave so drift on a shared machine hits all models alike
-        for path, session, feeds in sessions:
-            start = time.perf_counter()
-            session.run(None, feeds)
-            timings[path].append(time.perf_counter() - start)
-    base = float(np.median(timings[models[0]]))
-    for path in models:
-        median = float(np.median(timings[path]))
-        results.append({"model": path, "batch": batch, "median_ms": round(1000 * median, 3),
-                        "speedup_vs_first": round(base / median, 3)})
+    for path in models[1:]:
+        c = compare_latency(models[0], path, batch=batch, threads=threads, rounds=rounds)
+        if not results:
+            results.append({"model": models[0], "batch": batch, "median_ms": c.first.median_ms,
+                            "p90_ms": c.first.p90_ms, "speedup_vs_first": 1.0})
+        results.append({"model": path, "batch": batch, "median_ms": c.second.median_ms,
+                        "p90_ms": c.second.p90_ms, "speedup_vs_first": c.latency_gain})
     return results
+
+
+REFERENCE = ("vgg", "resnet", "mobilenet")
+
+
+def _cli(*args: str) -> None:
+    """Run the CLI as a user would (this checkout's code), failing loudly."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    extra = ["--force", "-q"] if args[0] == "slim" else ["--force"]
+    subprocess.run([sys.executable, "-m", "onnx_thinet.cli", *args, *extra], check=True, env=env)
+
+
+def _accuracy(model: str, data: str, reference: str | None = None) -> dict:
+    from onnx_thinet.check.evaluate import evaluate, load_labelled
+    from onnx_thinet.io.graph import load_model
+
+    candidate = load_model(model)
+    dataset, labels = load_labelled(data, candidate)
+    result = evaluate(candidate, dataset, labels, load_model(reference) if reference else None)
+    return {"accuracy": result.accuracy, "agreement": result.top1_agreement}
+
+
+def bench_budgets(out: Path, calib: str, test: str, agreement: float) -> list[dict]:
+    """Reference models: uniform keep 0.5 vs --target-flops at the same FLOPs, and --min-agreement."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in REFERENCE:
+        model = f"models/fmnist_{name}.onnx"
+        uniform, budget, guarded = (out / f"{name}.{tag}.onnx" for tag in ("uniform", "flops", "guard"))
+        _cli("slim", model, "--calib", calib, "--keep-ratio", "0.5", "-o", str(uniform), "--report", f"{uniform}.json")
+        first = json.loads(Path(f"{uniform}.json").read_text())
+        fraction = first["flops_after"] / first["flops_before"]
+        _cli("slim", model, "--calib", calib, "--target-flops", f"{fraction:.6f}", "-o", str(budget),
+             "--report", f"{budget}.json")
+        _cli("slim", model, "--calib", calib, "--target-flops", "0.1", "--min-agreement", str(agreement),
+             "-o", str(guarded), "--report", f"{guarded}.json")
+        second = json.loads(Path(f"{budget}.json").read_text())
+        third = json.loads(Path(f"{guarded}.json").read_text())
+        rows.append({
+            "model": name, "original": _accuracy(model, test)["accuracy"],
+            "uniform_flops": round(fraction, 4), "uniform": _accuracy(str(uniform), test, model),
+            "budget_flops": round(second["flops_after"] / second["flops_before"], 4),
+            "budget": _accuracy(str(budget), test, model),
+            "guard_flops": round(third["flops_after"] / third["flops_before"], 4),
+            "guard_holdout_agreement": third["guard"]["achieved_agreement"], "guard": _accuracy(str(guarded), test, model),
+        })
+    return rows
+
+
+def bench_structure(out: Path, size: int, threads: int | None, batches: tuple[int, ...]) -> list[dict]:
+    """Full-width VGG-16 against its keep-0.5 structure (every group cut to half, no calibration).
+
+    The cut graph has exactly the slim model's shapes, so its latency is the slim model's; this
+    measures the speed side of keep 0.5 without paying for calibration.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import zoo
+
+    from onnx_thinet.channels.analysis import analyze
+    from onnx_thinet.check.bench import bench_models
+    from onnx_thinet.io.graph import canonicalize, save_model_atomic
+    from onnx_thinet.planning import structure_for
+    from onnx_thinet.solve.solvers import keep_count
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = canonicalize(zoo.vgg16_tf2onnx(size=size))
+    keeps = {g.producer: keep_count(g.channels, 0.5) for g in analyze(model).groups}
+    original, half = out / f"vgg16_{size}.onnx", out / f"vgg16_{size}.keep50_structure.onnx"
+    save_model_atomic(model, original)
+    save_model_atomic(structure_for(model, keeps), half)
+    built = round(time.perf_counter() - start, 1)
+    report = bench_models(original, half, batches, threads, "cpu")
+    return [{"build_seconds": built, "groups": len(keeps), **{k: report[k] for k in ("flops_gain", "params_gain")},
+             "batches": report["batches"], "threads": threads}]
+
+
+def bench_targets(out: Path, size: int, images: int, reconstruct: str, threads: int | None) -> list[dict]:
+    """Full-width VGG-16 at `size`: `bench` gain at keep 0.5, and where --target-latency 0.5 lands."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import zoo
+
+    out.mkdir(parents=True, exist_ok=True)
+    model, calib = out / f"vgg16_{size}.onnx", out / f"vgg16_{size}_calib.npy"
+    if not model.exists():
+        onnx_model = zoo.vgg16_tf2onnx(size=size)
+        from onnx_thinet.io.graph import save_model_atomic
+
+        save_model_atomic(onnx_model, model)
+        np.save(calib, zoo.smooth_images(images, size, layout="NHWC"))
+    common = ["--calib", str(calib), "--reconstruct", reconstruct] + (["--threads", str(threads)] if threads else [])
+    rows = []
+    half = out / "vgg16.keep50.onnx"
+    start = time.perf_counter()
+    _cli("slim", str(model), "--keep-ratio", "0.5", "-o", str(half), *common)
+    seconds = time.perf_counter() - start
+    _cli("bench", str(model), str(half), "--report", f"{half}.bench.json", *(["--threads", str(threads)] if threads else []))
+    bench = json.loads(Path(f"{half}.bench.json").read_text())["batches"][0]
+    rows.append({"run": "keep 0.5", "slim_seconds": round(seconds, 1), "latency_gain": bench["latency_gain"],
+                 "flops_gain": bench["flops_gain"], "original_ms": bench["original"]["median_ms"],
+                 "slim_ms": bench["slim"]["median_ms"]})
+    timed = out / "vgg16.latency50.onnx"
+    _cli("slim", str(model), "--target-latency", "0.5", "-o", str(timed), "--report", f"{timed}.json", *common)
+    _cli("bench", str(model), str(timed), "--report", f"{timed}.bench.json", *(["--threads", str(threads)] if threads else []))
+    bench = json.loads(Path(f"{timed}.bench.json").read_text())["batches"][0]
+    planned = json.loads(Path(f"{timed}.json").read_text())["budget"]["latency"]
+    rows.append({"run": "target-latency 0.5", "measured_fraction": round(1 / bench["latency_gain"], 4),
+                 "within_10_percent": abs(1 / bench["latency_gain"] / 0.5 - 1) <= 0.1,
+                 "planned_measured_fraction": planned["measured_fraction"], "flops_gain": bench["flops_gain"]})
+    return rows
 
 
 def bench_memory(model: str, calib: str, sizes: list[int]) -> list[dict]:
@@ -280,8 +380,24 @@ def main() -> None:
     lat = sub.add_parser("latency")
     lat.add_argument("models", nargs="+")
     lat.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    lat.add_argument("--repeats", type=int, default=50)
-    lat.add_argument("--threads", type=int, default=1)
+    lat.add_argument("--rounds", type=int, default=12)
+    lat.add_argument("--threads", type=int, default=None)
+    bud = sub.add_parser("budgets", help="reference models: uniform vs --target-flops, and --min-agreement")
+    bud.add_argument("--out", type=Path, default=Path("/tmp/budgets"))
+    bud.add_argument("--calib", default="models/fmnist_calib.npy")
+    bud.add_argument("--test", default="models/fmnist_test_1k.npz", help=".npz with x, y (tools/fmnist.py exports the full test set)")
+    bud.add_argument("--min-agreement", type=float, default=0.95)
+    tgt = sub.add_parser("targets", help="full-width VGG-16: bench at keep 0.5, --target-latency 0.5")
+    tgt.add_argument("--out", type=Path, default=Path("/tmp/vgg16_targets"))
+    tgt.add_argument("--size", type=int, default=224)
+    tgt.add_argument("--images", type=int, default=64)
+    tgt.add_argument("--reconstruct", default="full")
+    tgt.add_argument("--threads", type=int, default=None)
+    st = sub.add_parser("structure", help="full-width VGG-16 vs its keep-0.5 structure: latency only")
+    st.add_argument("--out", type=Path, default=Path("/tmp/vgg16_structure"))
+    st.add_argument("--size", type=int, default=224)
+    st.add_argument("--threads", type=int, default=None)
+    st.add_argument("--batch", type=int, nargs="+", default=[1])
     mem = sub.add_parser("memory")
     mem.add_argument("--model", default="models/fmnist_vgg.onnx")
     mem.add_argument("--calib", default="models/fmnist_calib.npy")
@@ -299,7 +415,13 @@ def main() -> None:
     if args.command == "select":
         rows = [bench_select(c, args.samples, args.repeats) for c in args.channels]
     elif args.command == "latency":
-        rows = [r for b in args.batch for r in bench_latency(args.models, b, args.repeats, args.threads)]
+        rows = [r for b in args.batch for r in bench_latency(args.models, b, args.rounds, args.threads)]
+    elif args.command == "budgets":
+        rows = bench_budgets(args.out, args.calib, args.test, args.min_agreement)
+    elif args.command == "structure":
+        rows = bench_structure(args.out, args.size, args.threads, tuple(args.batch))
+    elif args.command == "targets":
+        rows = bench_targets(args.out, args.size, args.images, args.reconstruct, args.threads)
     else:
         rows = bench_memory(args.model, args.calib, args.images)
     for row in rows:

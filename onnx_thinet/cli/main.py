@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from onnx_thinet.calibration.plan import parse_size
 from onnx_thinet.channels.analysis import analyze, quantization_refusal
@@ -63,6 +64,15 @@ def slim_command(
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory the run may use, e.g. 4G or 512M; batches shrink and activations go to disk to fit, and a run that cannot fit is refused [default: 80% of available memory, at most 4G].")] = None,
     input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Count FLOPs at this input size: NAME=1,3,640,640 (repeatable) [default: a calibration sample's].")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what canonicalization and analysis tried.")] = False,
+    target_flops: Annotated[Optional[float], typer.Option("--target-flops", help="Budget: FLOPs as a fraction of the original's; keep counts per layer from each layer's error curve (replaces --keep-ratio).")] = None,
+    target_params: Annotated[Optional[float], typer.Option("--target-params", help="Budget: parameters as a fraction of the original's.")] = None,
+    target_latency: Annotated[Optional[float], typer.Option("--target-latency", help="Budget: latency as a fraction of the original's, measured on --device at batch 1.")] = None,
+    round_to: Annotated[int, typer.Option("--round-to", help="Keep counts are multiples of N (with budgets and ratios alike).")] = 1,
+    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="Guard: held-out top-1 agreement with the original must stay at least A; prunes as far as the budget allows without crossing it.")] = None,
+    max_error: Annotated[Optional[float], typer.Option("--max-error", help="Guard: held-out relative output error must stay at most E.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 3 when the result fails its checks (agreement under 90%, a collapsed output, a guard not met).")] = False,
+    bench: Annotated[bool, typer.Option("--bench", help="Measure latency of original and slim models (as `bench`, batch 1) into the report.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads when measuring latency [default: all cores].")] = None,
 ) -> None:
     """Prune filters with ThiNet and write a thinner, verified ONNX model."""
     _set_verbose(verbose)
@@ -72,6 +82,8 @@ def slim_command(
         device=device, simplify=simplify, channel_multiple=channel_multiple,
         only=tuple(only) if only else None, prune_coupled=prune_coupled,
         finetune_data=str(finetune_data) if finetune_data else None, finetune_steps=finetune_steps,
+        target_flops=target_flops, target_params=target_params, target_latency=target_latency,
+        round_to=round_to, min_agreement=min_agreement, max_error=max_error, threads=threads,
         max_memory=parse_size(max_memory) if max_memory is not None else None,
     )
     config.validate()
@@ -90,11 +102,33 @@ def slim_command(
         "model": str(model), "output": str(output),
         "file_bytes_before": _file_bytes(model), "file_bytes_after": size_after,
     }
+    if bench:
+        from onnx_thinet.budgeted import bench_device
+        from onnx_thinet.check.bench import bench_models
+
+        content["bench"] = bench_models(model, output, (1,), threads, bench_device(config.device))
     if report is not None:
         write_text_atomic(report, json.dumps(content, indent=2) + "\n")
     if not quiet:
         _print_slim_summary(result, content)
     out.print(f"wrote {output}", highlight=False)
+    _finish_checks(result, content, strict, quiet)
+
+
+def _finish_checks(result: SlimResult, content: dict, strict: bool, quiet: bool) -> None:
+    """Print the plan and the guard's outcome, and any failed check prominently (even with
+    --quiet); with --strict, exit 3 on failure."""
+    from onnx_thinet.cli.bench_commands import print_budget
+
+    if not quiet:
+        print_budget(out, content)
+    failures = list(result.warnings)
+    if result.guard is not None and not result.guard["budget_reached"] and result.flops_after >= result.flops_before:
+        failures.append("the guard could not be met by any pruned model: nothing was pruned")
+    for line in failures:
+        err.print(Text("WARNING: ", style="bold red") + Text(line), soft_wrap=True)
+    if failures and strict:
+        raise typer.Exit(3)
 
 
 def _check_output(model: Path, output: Path, force: bool) -> None:
@@ -271,7 +305,8 @@ def _print_inspect(info: dict) -> None:
 
 def _register_optional_commands() -> None:
     """Commands that live in their own modules (evaluation, PyTorch round trip)."""
-    for module_name in ("onnx_thinet.cli.eval_commands", "onnx_thinet.cli.torch_commands"):
+    for module_name in ("onnx_thinet.cli.eval_commands", "onnx_thinet.cli.torch_commands",
+                        "onnx_thinet.cli.bench_commands", "onnx_thinet.cli.deploy_commands"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:
