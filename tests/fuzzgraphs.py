@@ -157,7 +157,8 @@ def _block_conv(b: _Builder, h: str, c: int, s: int) -> tuple[str, int, int]:
     k = b.choose.choice((1, 3, 5) if s >= 5 else (1, 3))
     stride = b.choose.choice((1, 2)) if s >= 6 else 1
     dilation = b.choose.choice((1, 2)) if k == 3 and s >= 7 else 1
-    pads = b.choose.choice(("same", "valid", "asym", "auto") if s > dilation * (k - 1) + 1 else ("same",))
+    pads = ("same", "valid", "asym") + (("auto",) if dilation == 1 else ())  # ORT: no SAME with dilation
+    pads = b.choose.choice(pads if s > dilation * (k - 1) + 1 else ("same",))
     cout = b.choose.integer(2, 12)
     common = [g for g in _divisors(c) if cout % g == 0]
     group = b.choose.choice(common[:3])

@@ -45,6 +45,7 @@ def _summary(counts: Counter, failures: Counter, blocks: Counter, refusals: Coun
         "graphs": counts["graphs"], "slimmed": counts["slimmed"], "groups_pruned": counts["groups"],
         "planted": counts["planted"], "failing_graphs": counts["failing"],
         "invalid_outputs": sum(failures[k] for k in INVALID_KINDS),
+        "tool_errors": failures["internal-error"] + failures["crash"],
         "failures_by_kind": dict(failures), "refusals": dict(refusals), "torch": dict(torch),
         "blocks": dict(blocks), "seconds": round(seconds, 1),
     }
@@ -80,7 +81,7 @@ def main() -> int:
     summary = _summary(counts, failures, blocks, refusals, torch, time.perf_counter() - clock)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
-    return 1 if summary["invalid_outputs"] else 0
+    return 1 if summary["failing_graphs"] else 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.validate import validate_model
 
 __all__ = [
     "GraphIndex",
@@ -38,9 +39,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if path.is_dir():
         raise ThinetError(f"{path}: is a directory, expected an .onnx file")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types for bad bytes
         raise ThinetError(f"{path}: not a readable ONNX model ({_one_line(exc)})") from None
+    validate_model(model, path)  # vets external-data paths before reading them, then the graph
     if not model.graph.node:
         raise ThinetError(f"{path}: not a readable ONNX model (the graph has no nodes)")
     try:
