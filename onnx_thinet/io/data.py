@@ -148,9 +148,33 @@ def load_calibration(
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
+        with open(path, "rb") as f:
+            shape, dtype, header = _npy_header(f)
+        _check_npy_member(path, path.name, shape, dtype, header, path.stat().st_size)
         return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ThinetError:
+        raise
     except Exception as exc:
         raise ThinetError(f"{path}: not a readable .npy array ({exc})") from None
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header bytes) of an .npy stream, reading only its header."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype, f.tell()
+
+
+def _check_npy_member(path: Path, name: str, shape, dtype: np.dtype, header: int, size: int) -> int:
+    """No pickled objects, and the data the header promises is really there; returns its bytes."""
+    if dtype.hasobject:
+        raise ThinetError(f"{path}: array {name!r} holds Python objects (pickled data); refusing it")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if size < header + nbytes:
+        raise ThinetError(f"{path}: array {name!r} is truncated or lies about its shape {tuple(shape)} "
+                          f"({size - header:,} of {nbytes:,} bytes present)")
+    return nbytes
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -177,18 +201,8 @@ def _check_npz_members(path: Path) -> None:
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             with archive.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(member)
-                header = member.tell()
-            if dtype.hasobject:
-                raise ThinetError(f"{path}: array {info.filename!r} holds Python objects (pickled data); refusing it")
-            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-            if info.file_size < header + nbytes:
-                raise ThinetError(f"{path}: array {info.filename!r} is truncated "
-                                  f"({info.file_size - header} of {nbytes} bytes)")
-            total += nbytes
+                shape, dtype, header = _npy_header(member)
+            total += _check_npy_member(path, info.filename, shape, dtype, header, info.file_size)
     if total > _memory_limit():
         raise ThinetError(f"{path}: the arrays need {total / 2**30:.1f} GiB in memory; "
                           "use a .npy per input (memory-mapped) or fewer samples")
