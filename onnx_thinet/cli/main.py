@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +45,9 @@ def user_errors(fn):
         except ThinetError as exc:
             err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except KeyboardInterrupt as exc:
+            raise typer.Exit(_interrupted(exc)) from None
+        except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
             if debug:
@@ -98,16 +102,66 @@ def slim_command(
     original = load_model(model)
     data = load_calibration(calib, original, parse_preprocess(preprocess))
     result = _run_with_progress(original, data, config, quiet)
-    size_after = save_model_atomic(result.model, output)
-    content = result.report() | {
-        "model": str(model), "output": str(output),
-        "file_bytes_before": _file_bytes(model), "file_bytes_after": size_after,
-    }
-    if report is not None:
-        _write_text_atomic(report, json.dumps(content, indent=2) + "\n")
+    with _all_or_nothing(output, report):
+        size_after = save_model_atomic(result.model, output)
+        content = result.report() | {
+            "model": str(model), "output": str(output),
+            "file_bytes_before": _file_bytes(model), "file_bytes_after": size_after,
+        }
+        if report is not None:
+            _write_text_atomic(report, json.dumps(content, indent=2) + "\n")
     if not quiet:
         _print_slim_summary(result, content)
     out.print(f"wrote {output}", highlight=False)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """One line for SIGINT/SIGTERM; the exit code the shell uses for that signal (130, 143)."""
+    name = str(exc) or "SIGINT"
+    err.print(f"error: interrupted by {name}; nothing written", markup=False, highlight=False)
+    return 128 + getattr(signal, name, signal.SIGINT)
+
+
+_pending_signals: list[str] = []
+
+
+def _raise_interrupt(signum: int, frame) -> None:
+    """SIGINT and SIGTERM unwind like Ctrl-C, so temp files and partial outputs are removed.
+
+    Only the first signal raises: more signals during that cleanup must not cut it short.
+    """
+    _pending_signals.append(signal.Signals(signum).name)
+    if len(_pending_signals) == 1:
+        raise KeyboardInterrupt(_pending_signals[0])
+
+
+def _checkpoint(*_progress) -> None:
+    """Raise a signal's interrupt again: C++ extensions (onnxsim) can swallow the first one."""
+    if _pending_signals:
+        raise KeyboardInterrupt(_pending_signals[0])
+
+
+@contextlib.contextmanager
+def _all_or_nothing(*paths: Path | None):
+    """On an interrupt, delete the outputs (and `.data` siblings) this run created or replaced."""
+    watched = [q for p in paths if p is not None for q in (p, p.with_name(p.name + ".data"))]
+    before = {q: _identity(q) for q in watched}
+    try:
+        _checkpoint()
+        yield
+    except KeyboardInterrupt:
+        for q in watched:
+            if _identity(q) not in (None, before[q]):
+                q.unlink(missing_ok=True)
+        raise
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _check_output(model: Path, output: Path, force: bool) -> None:
@@ -121,13 +175,14 @@ def _check_output(model: Path, output: Path, force: bool) -> None:
 
 def _run_with_progress(original, data, config: SlimConfig, quiet: bool) -> SlimResult:
     if quiet or not sys.stderr.isatty() and os.environ.get("ONNX_THINET_PROGRESS") != "1":
-        return slim(original, data, config)
+        return slim(original, data, config, progress=_checkpoint)
     columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("calibrating", total=None)
 
         def update(done: int, total: int) -> None:
+            _checkpoint()
             bar.update(task, completed=done, total=total)
 
         return slim(original, data, config, progress=update)
@@ -247,8 +302,13 @@ _register_optional_commands()
 
 
 def main() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupt)
     logging.basicConfig(level=os.environ.get("ONNX_THINET_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    app()
+    try:
+        app()
+    except KeyboardInterrupt as exc:  # outside a command (argument parsing, exit)
+        sys.exit(_interrupted(exc))
 
 
 if __name__ == "__main__":

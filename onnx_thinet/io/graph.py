@@ -70,6 +70,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> int:
         return path.stat().st_size
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        Path(tmp + ".data").unlink(missing_ok=True)  # _save_external's temp weights
         raise
 
 

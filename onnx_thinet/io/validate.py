@@ -40,6 +40,8 @@ def validate_model(model: onnx.ModelProto, path: Path) -> None:
     _check_dims(model, path)
     _check_weights(model, path)
     _check_declared_shapes(model, path)
+    logger.info("%s: %d nodes, %d initializers validated", path, len(model.graph.node),
+                len(model.graph.initializer))
 
 
 def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
