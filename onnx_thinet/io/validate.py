@@ -32,14 +32,14 @@ _WEIGHTED = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1}  # op -> input index of i
 
 
 def validate_model(model: onnx.ModelProto, path: Path) -> None:
-    """Vet external-data paths, load that data, then check the graph; raise ThinetError."""
+    """Vet external-data paths and the graph, then load the external data; raise ThinetError."""
     _check_external_locations(model, path)
-    _load_external(model, path)
     _check_names(model, path)
     _check_order(model, path)
     _check_dims(model, path)
     _check_weights(model, path)
-    _check_declared_shapes(model, path)
+    _check_declared_shapes(model, path)  # before the external data: the proto stays small
+    _load_external(model, path)
     logger.info("%s: %d nodes, %d initializers validated", path, len(model.graph.node),
                 len(model.graph.initializer))
 
@@ -187,8 +187,8 @@ def _check_weights(model: onnx.ModelProto, path: Path) -> None:
 
 def _check_declared_shapes(model: onnx.ModelProto, path: Path) -> None:
     """Strict shape inference: declared input/output/value_info shapes must match the graph's."""
-    if any(op.domain not in ("", "ai.onnx") for op in model.opset_import) or model.ByteSize() > 2**31 - 2**20:
-        return  # custom ops have no inference; protobuf cannot hand a >2 GB model to it
+    if any(op.domain not in ("", "ai.onnx") for op in model.opset_import):
+        return  # custom ops have no shape inference
     try:
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
