@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tests.fuzzcheck import check_case  # noqa: E402
-from tests.fuzzgraphs import FuzzCase, RngChooser, build_case  # noqa: E402
+from tests.fuzzgraphs import BLOCKS, FuzzCase, RngChooser, build_case  # noqa: E402
 
 try:
     import torch  # noqa: F401
@@ -36,7 +36,7 @@ class DrawChooser:
         return self.data.draw(st.sampled_from(options))
 
 
-FUZZ = settings(max_examples=14, derandomize=True, deadline=None, database=None, print_blob=True,
+FUZZ = settings(max_examples=10, derandomize=True, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -50,6 +50,20 @@ def _assert_properties(case: FuzzCase, torch: bool) -> None:
 def test_random_graphs_slim_into_valid_same_interface_models(data):
     case = build_case(DrawChooser(data))
     _assert_properties(case, torch=HAS_TORCH)
+
+
+# tools/fuzz.py seeds whose graphs together hold every block kind, each with planted redundancy.
+COVERING_SEEDS = (0, 1, 4, 27)
+
+
+@pytest.mark.parametrize("seed", COVERING_SEEDS)
+def test_covering_graphs_slim_into_valid_same_interface_models(seed):
+    _assert_properties(build_case(RngChooser(seed)), torch=HAS_TORCH)
+
+
+def test_covering_seeds_hold_every_block_kind():
+    kinds = {kind for seed in COVERING_SEEDS for kind in build_case(RngChooser(seed)).blocks}
+    assert kinds == set(BLOCKS)
 
 
 @pytest.mark.parametrize("seed", [0, 6, 8])
