@@ -9,7 +9,9 @@ Resize; heads: 1x1 conv or GAP/Flatten -> Gemm (-> Relu -> Gemm). Opsets 11-21.
 
 Planted redundancy: where a group-1 conv P feeds one group-1 conv C only through element-wise
 ops (Relu, BN, Clip, ...), C's weights on half of P's channels are zeroed and P's filters for
-them scaled up: pruning P to half must remove exactly those and keep the output.
+them scaled up: pruning P to half must remove exactly those and keep the output. P never reads
+a globally pooled tensor (SE gates): one value per sample lets a live ReLU unit be zero on every
+calibration sample, a tie with the planted channels that no data-driven method can break.
 """
 
 from __future__ import annotations
@@ -339,10 +341,11 @@ def _plant_sites(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.Node
         for name in node.input:
             uses.setdefault(name, []).append(node)
     outputs = {o.name for o in model.graph.output}
+    pooled = {n.output[0] for n in model.graph.node if n.op_type == "GlobalAveragePool"}
     sites = []
     for node in model.graph.node:
-        if node.op_type != "Conv" or _group(node) != 1:
-            continue
+        if node.op_type != "Conv" or _group(node) != 1 or node.input[0] in pooled:
+            continue  # after global pooling a live unit can be silent on all calibration samples
         tensor = node.output[0]
         while tensor not in outputs and len(uses.get(tensor, [])) == 1:
             reader = uses[tensor][0]
