@@ -2,10 +2,10 @@
 
 `validate_model` runs on a model loaded *without* its external data: external-data locations
 are vetted before any byte of them is read (onnx itself had path-traversal CVEs here:
-CVE-2024-27318, CVE-2024-27319), then the data is loaded, then the graph is checked for what
-the ONNX checker reports unclearly or not at all: cycles, tensors nobody provides, duplicate
-names, initializers that shadow a node output or contradict the input they stand for, absurd
-dims, non-float weights, and declared shapes that lie about what the graph computes.
+CVE-2024-27318, CVE-2024-27319), then the graph is checked for what the ONNX checker reports
+unclearly or not at all (cycles, tensors nobody provides, duplicate names, initializers that
+shadow a node output or contradict the input they stand for, absurd dims, non-float weights,
+declared shapes that lie about what the graph computes), and only then is the data loaded.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
             if attr.type == onnx.AttributeProto.TENSOR:
                 yield attr.t
             yield from attr.tensors
-            for sub in [attr.g, *attr.graphs] if attr.HasField("g") or attr.graphs else []:
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
                 yield from _tensors(sub)
 
 
