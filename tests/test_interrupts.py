@@ -76,3 +76,14 @@ def test_rerun_after_an_interrupt_works(job):
     assert result.exit_code == 0, result.output
     onnx.checker.check_model(onnx.load(job / "out.onnx"), full_check=True)
     (job / "out.onnx").unlink()
+
+
+def test_failed_external_data_save_leaves_no_temp_file(tmp_path, monkeypatch):
+    """The >2 GB path writes weights to a temp .data file first; a failure must remove it too."""
+    import onnx_thinet.io.graph as graph_io
+
+    monkeypatch.setattr(graph_io, "_EXTERNAL_DATA_THRESHOLD", 0)  # take the >2 GB path on a tiny model
+    (tmp_path / "out.onnx.data").mkdir()  # the final rename of the weights fails
+    with pytest.raises(OSError):
+        graph_io.save_model_atomic(builders.conv_chain()[0], tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx.data"]
