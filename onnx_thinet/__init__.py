@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from onnx_thinet.channels.analysis import Analysis, analyze
 from onnx_thinet.channels.layout import ChannelGroup, Consumer, Coupled, ParamSlice, Skipped
-from onnx_thinet.errors import ThinetError
+from onnx_thinet.errors import InternalError, ThinetError
 from onnx_thinet.io.data import Preprocess, load_calibration, parse_preprocess
 from onnx_thinet.io.graph import canonicalize, load_model, save_model_atomic
 from onnx_thinet.pytorch.export import export_torch, to_onnx
@@ -16,6 +16,7 @@ __all__ = [
     "Consumer",
     "Coupled",
     "GroupResult",
+    "InternalError",
     "ParamSlice",
     "Preprocess",
     "SlimConfig",

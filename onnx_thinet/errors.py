@@ -1,9 +1,27 @@
-"""User-facing errors: the CLI prints their message as one line and exits non-zero."""
+"""Two kinds of failure: the user's input is wrong (ThinetError) or onnx-thinet is (InternalError).
+
+The CLI prints a ThinetError as one `error:` line and exits 2; an InternalError (or any other
+unexpected exception) as one `error: internal error: ...` line asking for a report, exit 1.
+Library messages name Python parameters (`keep_ratio`); the CLI turns the names listed in
+`ThinetError.params` into its flags (`--keep-ratio`) when it prints.
+"""
 
 from __future__ import annotations
 
-__all__ = ["ThinetError"]
+__all__ = ["InternalError", "ThinetError"]
 
 
 class ThinetError(Exception):
-    """A problem with the user's input (model, data, options), not a bug in onnx-thinet."""
+    """A problem with the user's input (model, data, options), not a bug in onnx-thinet.
+
+    `params` names the API parameters the message mentions, so that a front end can show
+    them under its own names (the CLI shows `keep_ratio` as `--keep-ratio`).
+    """
+
+    def __init__(self, message: str, *, params: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.params = tuple(params)
+
+
+class InternalError(Exception):
+    """A broken invariant inside onnx-thinet (a rewrite the checker refuses, ...): a bug to report."""

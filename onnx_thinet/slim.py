@@ -15,9 +15,9 @@ from onnx_thinet.channels.analysis import Analysis, analyze
 from onnx_thinet.channels.layout import ChannelGroup
 from onnx_thinet.check.metrics import count_params, total_flops
 from onnx_thinet.check.verify import OutputComparison, check_model, compare_outputs
-from onnx_thinet.errors import ThinetError
+from onnx_thinet.errors import InternalError, ThinetError
 from onnx_thinet.io.data import CalibrationData
-from onnx_thinet.io.graph import GraphIndex, canonicalize, infer_shapes
+from onnx_thinet.io.graph import CanonicalStep, GraphIndex, canonicalize_steps, infer_shapes
 from onnx_thinet.rewrite.surgery import apply_selection, initializer_array
 from onnx_thinet.solve.selection import METHODS, RECONSTRUCTIONS, Selection, choose_channels
 from onnx_thinet.solve.solvers import keep_count
@@ -42,7 +42,7 @@ class SlimConfig:
     samples_per_image: int | None = None
     batch_size: int = 32
     holdout: float = 0.1
-    device: str = "cpu"
+    device: str = "auto"  # onnxruntime and torch: CUDA when available
     simplify: bool = True
     channel_multiple: int = 1
     prune_coupled: bool = False  # prune producers tied by residual Adds / gating Muls jointly
@@ -52,23 +52,26 @@ class SlimConfig:
 
     def validate(self) -> None:
         if not 0.0 < self.keep_ratio <= 1.0:
-            raise ThinetError(f"--keep-ratio must be in (0, 1] (got {self.keep_ratio})")
+            raise ThinetError(f"keep_ratio must be in (0, 1] (got {self.keep_ratio})", params=("keep_ratio",))
         if self.method not in METHODS:
-            raise ThinetError(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
+            raise ThinetError(f"method must be one of {', '.join(METHODS)} (got {self.method!r})", params=("method",))
         if self.reconstruct not in RECONSTRUCTIONS:
             raise ThinetError(
-                f"--reconstruct must be one of {', '.join(RECONSTRUCTIONS)} (got {self.reconstruct!r})"
+                f"reconstruct must be one of {', '.join(RECONSTRUCTIONS)} (got {self.reconstruct!r})",
+                params=("reconstruct",),
             )
         if not 0.0 <= self.holdout < 1.0:
-            raise ThinetError(f"--holdout must be in [0, 1) (got {self.holdout})")
+            raise ThinetError(f"holdout must be in [0, 1) (got {self.holdout})", params=("holdout",))
         if self.ridge is not None and self.ridge < 0:
-            raise ThinetError(f"--ridge must be non-negative (got {self.ridge})")
+            raise ThinetError(f"ridge must be non-negative (got {self.ridge})", params=("ridge",))
         if self.batch_size < 1 or self.channel_multiple < 1:
-            raise ThinetError("--batch-size and --channel-multiple must be at least 1")
+            raise ThinetError("batch_size and channel_multiple must be at least 1",
+                              params=("batch_size", "channel_multiple"))
         if self.samples_per_image is not None and self.samples_per_image < 1:
-            raise ThinetError("--samples-per-image must be at least 1")
+            raise ThinetError("samples_per_image must be at least 1", params=("samples_per_image",))
         if self.finetune_steps < 0 or (self.finetune_steps > 0) != (self.finetune_data is not None):
-            raise ThinetError("--finetune-data and --finetune-steps (> 0) go together")
+            raise ThinetError("finetune_data and finetune_steps (> 0) go together",
+                              params=("finetune_data", "finetune_steps"))
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class SlimResult:
     forward_passes: int
     timings: dict[str, float] = field(default_factory=dict)
     config: SlimConfig = field(default_factory=SlimConfig)
+    canonicalization: tuple[CanonicalStep, ...] = ()
 
     def report(self) -> dict:
         """The JSON report (`--report`); its keys are a contract relied on by scripts."""
@@ -119,6 +123,7 @@ class SlimResult:
                 {"producer": s.producer, "node": s.node, "reason": s.reason} for s in self.analysis.skipped
             ],
             "forward_passes": self.forward_passes,
+            "canonicalization": [asdict(step) for step in self.canonicalization],
             "seconds": round(sum(self.timings.values()), 3),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "config": asdict(self.config),
@@ -192,7 +197,7 @@ def slim(
     config.validate()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    canonical = canonicalize(model, simplify=config.simplify)
+    canonical, canonical_steps = canonicalize_steps(model, simplify=config.simplify)
     analysis = analyze(canonical, prune_coupled=config.prune_coupled)
     timings["analysis"] = time.perf_counter() - clock
     if not analysis.groups:
@@ -221,6 +226,7 @@ def slim(
         forward_passes=len(waves),
         timings=timings,
         config=config,
+        canonicalization=canonical_steps,
     )
 
 
@@ -230,8 +236,8 @@ def _chosen_groups(analysis: Analysis, only: tuple[str, ...] | None) -> tuple[Ch
     names = {name for g in analysis.groups for name in (g.producer, *g.producers)}
     unknown = [name for name in only if name not in names]
     if unknown:
-        raise ThinetError(f"--only: {', '.join(unknown)} is not a prunable producer "
-                          f"(prunable: {', '.join(sorted(names))})")
+        raise ThinetError(f"only: {', '.join(unknown)} is not a prunable producer "
+                          f"(prunable: {', '.join(sorted(names))})", params=("only",))
     return tuple(g for g in analysis.groups if {g.producer, *g.producers} & set(only))
 
 
@@ -243,6 +249,7 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
     done = 0
     results: list[GroupResult] = []
     kept_outputs: dict[str, np.ndarray] = {}  # producer → original filters it still has
+    teacher_cache = _teacher_cache() if config.finetune_steps else None  # dropped when slim returns
 
     def advance(n: int) -> None:
         nonlocal done
@@ -256,7 +263,7 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
         fresh = {g.producer: g for g in analyze(current, prune_coupled=config.prune_coupled).groups}
         missing = [g.producer for g in planned if g.producer not in fresh]
         if missing:
-            raise ThinetError(f"internal error: {', '.join(missing)} no longer prunable after earlier cuts")
+            raise InternalError(f"{', '.join(missing)} no longer prunable after earlier cuts")
         wave = [fresh[g.producer] for g in planned]
         stats = collect_statistics(
             current, wave, data, train, batch_size=config.batch_size,
@@ -272,20 +279,26 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
             results.append(_group_result(group, selection, stats[group.producer]))
         current = infer_shapes(current)
         if config.finetune_steps:
-            current = _finetune_between_passes(current, canonical, config, pass_index)
+            current = _finetune_between_passes(current, canonical, config, pass_index, teacher_cache)
     return current, results
 
 
-def _finetune_between_passes(current, teacher, config: SlimConfig, pass_index: int):
+def _teacher_cache():
+    """The data and teacher outputs the in-between fine-tunes share, owned by one slim run."""
+    from onnx_thinet.pytorch.finetune_graph import TeacherCache
+
+    return TeacherCache()
+
+
+def _finetune_between_passes(current, teacher, config: SlimConfig, pass_index: int, cache):
     """The paper's schedule: recover briefly (distillation from the original) before the next layer.
 
     Each pass draws other batches (seed + pass), so the passes together see more of the data.
     """
-    from onnx_thinet.pytorch.finetune import finetune_graph
+    from onnx_thinet.pytorch.finetune_graph import finetune_graph
 
     tuned = finetune_graph(current, teacher, config.finetune_data, config.finetune_steps,
-                           seed=config.seed + pass_index,
-                           device="cuda" if config.device == "cuda" else "cpu")
+                           seed=config.seed + pass_index, device=config.device, cache=cache)
     return infer_shapes(tuned)
 
 

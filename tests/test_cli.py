@@ -46,7 +46,7 @@ def test_slim_writes_model_and_report_with_contract_keys(workdir):
     assert _digest(workdir / "net.onnx") == before
     report = json.loads((workdir / "r.json").read_text())
     for key in ("params_before", "params_after", "flops_before", "flops_after", "output_rel_error",
-                "groups", "coupled", "seconds"):
+                "groups", "coupled", "seconds", "canonicalization"):
         assert key in report
     for group in report["groups"]:
         assert {"producer", "consumers", "channels_before", "channels_after"} <= set(group)
@@ -277,3 +277,41 @@ def test_layer_by_layer_finetune_schedule(workdir):
     after = json.loads((workdir / "tuned.json").read_text())["output_rel_error"]
     assert after < before
     _expect_error(_invoke(*args, "--finetune-steps", "5", "--force"), "--finetune-data")
+
+
+def test_library_parameter_names_become_flags_only_in_the_cli():
+    from onnx_thinet import SlimConfig, ThinetError
+    from onnx_thinet.cli.errors import as_flags
+
+    with pytest.raises(ThinetError, match="keep_ratio") as caught:
+        SlimConfig(keep_ratio=2.0).validate()
+    assert "--" not in str(caught.value) and caught.value.params == ("keep_ratio",)
+    assert as_flags(str(caught.value), caught.value.params).startswith("--keep-ratio must be")
+    assert as_flags("batch_size and channel_multiple", ("batch_size", "channel_multiple")) == \
+        "--batch-size and --channel-multiple"
+    assert as_flags("delete it or pass resume=False", ("resume",)) == "delete it or pass --no-resume"
+    assert as_flags("the method of keep_ratio_x", ("keep_ratio",)) == "the method of keep_ratio_x"
+
+
+def test_internal_errors_exit_1_and_ask_for_a_report(monkeypatch):
+    import typer
+
+    from onnx_thinet.cli.errors import cli_errors
+    from onnx_thinet.errors import InternalError
+
+    probe = typer.Typer()
+
+    @probe.command()
+    @cli_errors
+    def broken() -> None:
+        raise InternalError("the rewritten model fails the ONNX checker (bad\nnode)")
+
+    monkeypatch.delenv("ONNX_THINET_DEBUG", raising=False)
+    result = runner.invoke(probe, [])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: internal error: the rewritten model")
+    assert "please report" in lines[0] and "ONNX_THINET_DEBUG=1" in lines[0]
+    monkeypatch.setenv("ONNX_THINET_DEBUG", "1")
+    result = runner.invoke(probe, [])
+    assert isinstance(result.exception, InternalError)  # the traceback path

@@ -305,3 +305,17 @@ def test_cli_finetune_and_errors(cli, models, data, tmp_path: Path) -> None:
     )
     if not torch.cuda.is_available():
         fails([*base[:-1], other, "--device", "cuda"], "CUDA is not available")
+
+
+def test_auto_device_is_the_default_and_follows_torch() -> None:
+    import inspect
+
+    from onnx_thinet import SlimConfig
+    from onnx_thinet.pytorch.distill import resolve_device
+    from onnx_thinet.pytorch.finetune_graph import finetune_graph
+
+    assert SlimConfig().device == "auto"
+    for fn in (finetune, finetune_graph):
+        assert inspect.signature(fn).parameters["device"].default == "auto"
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(torch, "auto").type == want

@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx_thinet.pytorch import finetune as ft  # noqa: E402
-from onnx_thinet.errors import ThinetError  # noqa: E402
+from onnx_thinet.errors import InternalError, ThinetError  # noqa: E402
+from onnx_thinet.pytorch import finetune_graph as ft  # noqa: E402
 from onnx_thinet.pytorch.export import InitSource, export_torch_model  # noqa: E402
 from onnx_thinet.pytorch.finetune import finetune_graph  # noqa: E402
 
@@ -331,7 +331,7 @@ def test_inverse_layout_of_changed_values() -> None:
     np.testing.assert_array_equal(got, value.T / 2)
     slope = ft._to_initializer(np.ones(4, np.float32), InitSource("s"), (4, 1, 1), np.float16)
     assert slope.shape == (4, 1, 1) and slope.dtype == np.float16
-    with pytest.raises(ThinetError, match="values"):
+    with pytest.raises(InternalError, match="values"):
         ft._to_initializer(np.ones(4, np.float32), InitSource("s"), (5,), np.float32)
 
 
@@ -345,7 +345,7 @@ def test_structure_change_is_refused(data, monkeypatch) -> None:
         tensor.CopyFrom(numpy_helper.from_array(np.concatenate([arr, arr]), tensor.name))
 
     monkeypatch.setattr(ft, "_set_initializer", widen)
-    with pytest.raises(ThinetError, match="initializer names, shapes"):
+    with pytest.raises(InternalError, match="initializer names, shapes"):
         finetune_graph(noisy(teacher), teacher, data["x"], 2, lr=1e-3)
 
 
@@ -353,8 +353,8 @@ def test_worse_loss_keeps_the_weights(data, monkeypatch, caplog) -> None:
     teacher = cnn()
     student = noisy(teacher)
     losses = iter([1.0, 2.0])
-    monkeypatch.setattr(ft, "_chunked_probe_loss", lambda *a, **k: next(losses))
-    with caplog.at_level(logging.WARNING, logger="onnx_thinet.pytorch.finetune"):
+    monkeypatch.setattr(ft, "probe_loss", lambda *a, **k: next(losses))
+    with caplog.at_level(logging.WARNING, logger="onnx_thinet.pytorch.finetune_graph"):
         tuned = finetune_graph(student, teacher, data["x"], 3, lr=1e-3)
     assert tuned.SerializeToString() == student.SerializeToString()
     assert "raised the probe loss" in caplog.text
@@ -378,11 +378,12 @@ def test_bad_arguments(data, tmp_path) -> None:
 def test_teacher_outputs_are_cached_between_calls(data) -> None:
     teacher = cnn()
     student = noisy(teacher)
-    finetune_graph(student, teacher, data["x"], 2, lr=1e-3)
-    cached = ft._GRAPH_CACHE["teacher"]
+    cache = ft.TeacherCache()  # owned by the caller (slim makes one per run)
+    finetune_graph(student, teacher, data["x"], 2, lr=1e-3, cache=cache)
+    cached = cache.outputs
     calls = []
     real = cached.teacher
     cached.teacher = lambda xb: calls.append(len(xb)) or real(xb)
-    finetune_graph(student, teacher, data["x"], 2, lr=1e-3)
-    assert ft._GRAPH_CACHE["teacher"] is cached
+    finetune_graph(student, teacher, data["x"], 2, lr=1e-3, cache=cache)
+    assert cache.outputs is cached
     assert calls == []  # every sample (all 128 are in the probe) was computed once already

@@ -3,6 +3,7 @@ ONNX must both match onnxruntime on the source model (1e-5 relative)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -632,3 +633,55 @@ def test_roundtrip_of_each_slimmed_family(family: str, tmp_path: Path) -> None:
     dims = slim_model.graph.input[0].type.tensor_type.shape.dim
     shape = tuple(d.dim_value for d in dims[1:])
     roundtrip(save(slim_model, tmp_path / f"{family}.slim.onnx"), shape, tmp_path)
+
+
+# ---------------------------------------------------------------- export check before writing
+
+
+def test_export_refuses_a_wrong_module_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A translation bug (planted: Relu translated as sigmoid) is measured against onnxruntime
+    before anything is written; files already in the output directory are left as they were."""
+    from onnx_thinet.ops import registry
+
+    entry = registry.REGISTRY["Relu"]
+    wrong = dataclasses.replace(entry, translate=lambda g, node: g.emit(node, f"torch.sigmoid({g.t(node.input[0], node)})"))
+    monkeypatch.setitem(registry.REGISTRY, "Relu", wrong)
+    model, _ = builders.conv_chain()
+    src = save(model, tmp_path / "chain.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.py").write_text("# the user's earlier export\n")
+    with pytest.raises(ThinetError, match=r"relative error \d\.\d+e[+-]\d+ > 1e-04.*nothing was written"):
+        export_torch(src, out)
+    assert (out / "model.py").read_text() == "# the user's earlier export\n"
+    assert sorted(p.name for p in out.iterdir()) == ["model.py"]
+    with pytest.raises(ThinetError, match="nothing was written"):
+        export_torch(src, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chain.onnx", "out"]  # no dir, no scratch
+
+
+def test_export_checks_models_with_symbolic_spatial_dims(tmp_path: Path, monkeypatch) -> None:
+    """Symbolic H and W no longer skip the check (the paddle2onnx case): 64 is used for them."""
+    from onnx_thinet.ops import registry
+
+    entry = registry.REGISTRY["Relu"]
+    wrong = dataclasses.replace(entry, translate=lambda g, node: g.emit(node, f"torch.abs({g.t(node.input[0], node)})"))
+    monkeypatch.setitem(registry.REGISTRY, "Relu", wrong)
+    model, _ = builders.conv_chain()
+    for i in (2, 3):
+        model.graph.input[0].type.tensor_type.shape.dim[i].dim_param = "HW"[i - 2]
+    with pytest.raises(ThinetError, match="disagrees with onnxruntime"):
+        export_torch(save(model, tmp_path / "dyn.onnx"), tmp_path / "out")
+    assert not (tmp_path / "out" / "model.py").exists()
+
+
+def test_export_leaves_the_model_unmodified(tmp_path: Path) -> None:
+    """Shape inference relaxes the batch dim on a copy: the caller's model is not touched."""
+    from onnx_thinet.pytorch.export import export_torch_model
+
+    model, _ = builders.conv_chain()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # a static batch
+    model.graph.value_info.extend(onnx.shape_inference.infer_shapes(model).graph.value_info)
+    before = model.SerializeToString()
+    export_torch_model(model, tmp_path / "o")
+    assert model.SerializeToString() == before

@@ -36,10 +36,10 @@ import onnx
 
 import onnx_thinet
 from onnx_thinet import SlimConfig, analyze, canonicalize, slim
-from onnx_thinet.calibration.runtime import graph_inputs
 from onnx_thinet.check.evaluate import evaluate
 from onnx_thinet.check.metrics import count_params, total_flops
 from onnx_thinet.io.data import ArrayData
+from onnx_thinet.io.graph import graph_inputs
 from onnx_thinet.solve.selection import METHODS, RECONSTRUCTIONS
 
 ROOT = Path(__file__).resolve().parent.parent

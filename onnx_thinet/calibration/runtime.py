@@ -9,30 +9,16 @@ import onnx
 import onnxruntime as ort
 
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.graph import graph_inputs
 
 __all__ = [
-    "ONNX_TO_NUMPY",
-    "graph_inputs",
     "make_session",
     "providers_for",
-    "random_inputs",
     "run_model",
     "truncated_model",
 ]
 
 logger = logging.getLogger(__name__)
-
-ONNX_TO_NUMPY = {
-    onnx.TensorProto.FLOAT: np.float32,
-    onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32,
-    onnx.TensorProto.UINT8: np.uint8,
-    onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.BOOL: np.bool_,
-}
-
 
 def providers_for(device: str) -> list[str]:
     """onnxruntime providers for `auto|cpu|cuda`; CUDA only when the GPU build can use it."""
@@ -42,15 +28,15 @@ def providers_for(device: str) -> list[str]:
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
             raise ThinetError(
-                "--device cuda: onnxruntime has no CUDA provider here "
-                "(pip install onnxruntime-gpu, and check the GPU driver)"
+                "device cuda: onnxruntime has no CUDA provider here "
+                "(pip install onnxruntime-gpu, and check the GPU driver)", params=("device",)
             )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "auto":
         if "CUDAExecutionProvider" in available:
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
-    raise ThinetError(f"--device must be auto, cpu or cuda (got {device!r})")
+    raise ThinetError(f"device must be auto, cpu or cuda (got {device!r})", params=("device",))
 
 
 def make_session(model: onnx.ModelProto, device: str = "cpu") -> ort.InferenceSession:
@@ -58,12 +44,6 @@ def make_session(model: onnx.ModelProto, device: str = "cpu") -> ort.InferenceSe
     opts.log_severity_level = 3
     data = model.SerializeToString()
     return ort.InferenceSession(data, opts, providers=providers_for(device))
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """Inputs that the caller feeds (older exporters also list initializers as inputs)."""
-    init_names = {i.name for i in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in init_names]
 
 
 def run_model(
@@ -74,26 +54,6 @@ def run_model(
 ) -> list[np.ndarray]:
     session = make_session(model, device)
     return session.run(outputs, feeds)
-
-
-def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random feeds matching each graph input (symbolic dims: batch first, else 8)."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for inp in graph_inputs(model):
-        tensor_type = inp.type.tensor_type
-        dims = []
-        for k, d in enumerate(tensor_type.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                dims.append(d.dim_value)
-            else:
-                dims.append(batch if k == 0 else 8)
-        dtype = ONNX_TO_NUMPY.get(tensor_type.elem_type, np.float32)
-        if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
-        else:
-            feeds[inp.name] = rng.integers(0, 2, size=dims).astype(dtype)
-    return feeds
 
 
 def truncated_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:

@@ -17,8 +17,17 @@ from onnx_thinet.channels.layout import (
     Segment,
     Skipped,
 )
-from onnx_thinet.channels.rules import RULES, Flow, RuleContext, Step
-from onnx_thinet.io.graph import GraphIndex, infer_shapes
+from onnx_thinet.channels.rules import (
+    Blocked,
+    Consumed,
+    CoupledStop,
+    Flow,
+    RuleContext,
+    Step,
+    Through,
+)
+from onnx_thinet.io.graph import GraphIndex, infer_shapes, opset_version
+from onnx_thinet.ops import channel_rule, traversal
 
 __all__ = ["Analysis", "analyze", "opset_version"]
 
@@ -32,13 +41,6 @@ class Analysis:
     groups: tuple[ChannelGroup, ...]
     coupled: tuple[Coupled, ...]
     skipped: tuple[Skipped, ...]
-
-
-def opset_version(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    return 1
 
 
 def analyze(model: onnx.ModelProto, prune_coupled: bool = False) -> Analysis:
@@ -128,39 +130,37 @@ def _tied_producers(
     return grown if grown != members else None
 
 
-_THROUGH = {
-    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Elu", "Selu", "Tanh", "Clip",
-    "Identity", "Dropout", "BatchNormalization", "Cast", "MaxPool", "AveragePool", "Pad",
-    "Resize", "Upsample", "PRelu", "Softplus", "Gelu", "Mish",
-}
-
-
 def _origins(index: GraphIndex, tensor: str, depth: int) -> dict[str, Window] | None:
     """Producers whose channels reach `tensor` through per-channel ops, residual sums and
-    channel Splits, each with the window of its channels that makes up `tensor`."""
+    channel Splits, each with the window of its channels that makes up `tensor`. Which ops
+    may be passed, and how, is each op's `traverse` entry in the op registry."""
     node = index.producer.get(tensor)
     if node is None or depth > 256:
         return None
     start = _producer_start(index, node)
     if start is not None:
         return {node.name: (0, start.channels)}
-    if node.op_type in _THROUGH:
+    how = traversal(node.op_type) if node.domain in ("", "ai.onnx") else "no"
+    if how == "data" and all(index.const(i) is not None for i in node.input[1:] if i):
         return _origins(index, node.input[0], depth + 1)
-    if node.op_type == "Conv" and index.const(node.input[1]) is not None:
-        return _origins(index, node.input[0], depth + 1)  # depthwise: channel for channel
-    if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2:
-        parts = [_origins(index, i, depth + 1) for i in node.input if index.const(i) is None]
-        if not parts or any(p is None for p in parts):
-            return None
-        merged: dict[str, Window] = {}
-        for part in parts:
-            for producer, window in part.items():
-                if merged.setdefault(producer, window) != window:
-                    return None
-        return merged
-    if node.op_type == "Split":
+    if how == "operands" and len(node.input) == 2:
+        return _operand_origins(index, node, depth)
+    if how == "split":
         return _split_origins(index, node, tensor, depth)
     return None
+
+
+def _operand_origins(index: GraphIndex, node: onnx.NodeProto, depth: int) -> dict[str, Window] | None:
+    """Origins of every computed operand of a residual sum or gating product, merged."""
+    parts = [_origins(index, i, depth + 1) for i in node.input if index.const(i) is None]
+    if not parts or any(p is None for p in parts):
+        return None
+    merged: dict[str, Window] = {}
+    for part in parts:
+        for producer, window in part.items():
+            if merged.setdefault(producer, window) != window:
+                return None
+    return merged
 
 
 def _split_origins(
@@ -259,7 +259,7 @@ def _walk(
     own = {p.name for p in producers}
     ctx = RuleContext(index, start.channels, opset)
     flows = {s.flow.tensor: s.flow for s in starts}
-    steps: list[Step] = []
+    steps: list[Through] = []
     consumers: list[Consumer] = []
     path: list[str] = []
     for node in index.model.graph.node[index.position(producer) + 1 :]:
@@ -271,11 +271,11 @@ def _walk(
         if not inputs:
             continue
         step = _apply_rule(ctx, node, inputs)
-        if step.coupled is not None:
-            return Coupled(name, start.channels, node.name, step.coupled)
-        if step.blocked is not None:
-            return Skipped(name, node.name, f"{node.op_type}: {step.blocked}")
-        if step.consumer is not None:
+        if isinstance(step, CoupledStop):
+            return Coupled(name, start.channels, node.name, step.reason)
+        if isinstance(step, Blocked):
+            return Skipped(name, node.name, f"{node.op_type}: {step.reason}")
+        if isinstance(step, Consumed):
             consumers.append(step.consumer)
             continue
         path.append(node.name)
@@ -303,8 +303,8 @@ def _walk(
 
 def _apply_rule(ctx: RuleContext, node: onnx.NodeProto, inputs: dict[int, Flow]) -> Step:
     if node.domain not in ("", "ai.onnx"):
-        return Step(blocked=f"op {node.domain}:{node.op_type} is unknown to onnx-thinet")
-    channel_rule = RULES.get(node.op_type)
-    if channel_rule is None:
-        return Step(blocked=f"op {node.op_type} has no channel rule (not proven per-channel)")
-    return channel_rule(ctx, node, inputs)
+        return Blocked(f"op {node.domain}:{node.op_type} is unknown to onnx-thinet")
+    rule = channel_rule(node.op_type)
+    if rule is None:
+        return Blocked(f"op {node.op_type} has no channel rule (not proven per-channel)")
+    return rule(ctx, node, inputs)

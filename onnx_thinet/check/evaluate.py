@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_thinet.calibration.runtime import graph_inputs, make_session
+from onnx_thinet.calibration.runtime import make_session
+from onnx_thinet.check.measure import ErrorSums
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.data import (
     IMAGE_SUFFIXES,
@@ -17,7 +18,9 @@ from onnx_thinet.io.data import (
     Preprocess,
     check_arrays,
     load_calibration,
+    read_npz,
 )
+from onnx_thinet.io.graph import graph_inputs
 
 __all__ = ["EvalResult", "evaluate", "load_labelled"]
 
@@ -46,13 +49,8 @@ def load_labelled(
     if path.suffix != ".npz":
         raise ThinetError(f"{path}: labelled data must be an .npz with x and y, or a class folder")
     inputs = graph_inputs(model)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "x" not in npz.files or "y" not in npz.files:
-                raise ThinetError(f"{path}: needs arrays 'x' and 'y' (found {npz.files})")
-            x, y = npz["x"], npz["y"]
-    except (OSError, ValueError, EOFError) as exc:
-        raise ThinetError(f"{path}: not a readable .npz archive ({exc})") from None
+    arrays = read_npz(path, required=("x", "y"))
+    x, y = arrays["x"], arrays["y"]
     if len(inputs) != 1:
         raise ThinetError(f"{path}: eval feeds one input, the model has {len(inputs)}")
     if len(y) != len(x):
@@ -74,14 +72,13 @@ def evaluate(
     labels: np.ndarray | None = None,
     reference: onnx.ModelProto | None = None,
     batch_size: int = 256,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> EvalResult:
     """Top-1 accuracy from the first output, and agreement with `reference` when given."""
     session = make_session(model, device)
     ref_session = make_session(reference, device) if reference is not None else None
     correct = agree = 0
-    abs_sum = diff_sq = ref_sq = 0.0
-    elements = 0
+    sums = ErrorSums()
     n = len(data)
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(n, start + batch_size))
@@ -91,19 +88,14 @@ def evaluate(
             correct += int(np.sum(out.argmax(axis=1) == labels[idx]))
         if ref_session is not None:
             ref = ref_session.run(None, feeds)[0].reshape(len(idx), -1)
-            if ref.shape != out.shape:
+            if not sums.add(ref, out):
                 raise ThinetError(f"outputs differ in shape from the reference: {out.shape} vs {ref.shape}")
             agree += int(np.sum(out.argmax(axis=1) == ref.argmax(axis=1)))
-            delta = out.astype(np.float64) - ref
-            abs_sum += float(np.abs(delta).sum())
-            diff_sq += float(np.sum(delta**2))
-            ref_sq += float(np.sum(ref.astype(np.float64) ** 2))
-            elements += delta.size
     has_ref = ref_session is not None
     return EvalResult(
         samples=n,
         accuracy=correct / n if labels is not None and n else None,
         top1_agreement=agree / n if has_ref and n else None,
-        mean_abs_error=abs_sum / elements if has_ref and elements else None,
-        rel_error=float(np.sqrt(diff_sq / ref_sq)) if has_ref and ref_sq > 0 else None,
+        mean_abs_error=sums.mean_abs_error if has_ref else None,
+        rel_error=sums.rel_error if has_ref and sums.ref_sq > 0 else None,
     )

@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 
 from onnx_thinet.calibration.runtime import make_session
-from onnx_thinet.errors import ThinetError
+from onnx_thinet.check.measure import ErrorSums
+from onnx_thinet.errors import InternalError
 from onnx_thinet.io.data import CalibrationData
 
 __all__ = ["OutputComparison", "check_model", "compare_outputs"]
@@ -30,7 +31,7 @@ def check_model(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
-        raise ThinetError(f"internal error: the rewritten model fails the ONNX checker ({exc})") from None
+        raise InternalError(f"the rewritten model fails the ONNX checker ({exc})") from None
 
 
 def compare_outputs(
@@ -46,26 +47,21 @@ def compare_outputs(
     try:
         cand_session = make_session(candidate, device)
     except Exception as exc:
-        raise ThinetError(f"internal error: onnxruntime cannot load the rewritten model ({exc})") from None
-    diff_sq = ref_sq = max_abs = ref_max = 0.0
+        raise InternalError(f"onnxruntime cannot load the rewritten model ({exc})") from None
+    sums = ErrorSums()
     agree = rows = 0
     for start in range(0, len(indices), batch_size):
         feeds = data.batch(indices[start : start + batch_size])
         for ref, out in zip(ref_session.run(None, feeds), cand_session.run(None, feeds)):
-            if ref.shape != out.shape:
-                raise ThinetError(f"internal error: output shape changed {ref.shape} -> {out.shape}")
-            ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
-            diff_sq += float(np.sum((ref64 - out64) ** 2))
-            ref_sq += float(np.sum(ref64**2))
-            max_abs = max(max_abs, float(np.abs(ref64 - out64).max(initial=0.0)))
-            ref_max = max(ref_max, float(np.abs(ref64).max(initial=0.0)))
+            if not sums.add(ref, out):
+                raise InternalError(f"output shape changed {ref.shape} -> {out.shape}")
             if ref.ndim == 2 and ref.shape[1] > 1:
                 agree += int(np.sum(ref.argmax(axis=1) == out.argmax(axis=1)))
                 rows += ref.shape[0]
     return OutputComparison(
-        rel_error=float(np.sqrt(diff_sq / ref_sq)) if ref_sq > 0 else float(np.sqrt(diff_sq)),
-        max_abs_error=max_abs,
-        max_rel_error=max_abs / ref_max if ref_max > 0 else max_abs,
+        rel_error=sums.rel_error,
+        max_abs_error=sums.max_abs,
+        max_rel_error=sums.max_rel_error,
         top1_agreement=agree / rows if rows else None,
         samples=len(indices),
     )

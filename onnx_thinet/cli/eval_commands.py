@@ -12,10 +12,11 @@ __all__ = ["register"]
 
 
 def register(app: typer.Typer) -> None:
-    from onnx_thinet.cli.main import out, user_errors
+    from onnx_thinet.cli.errors import cli_errors
+    from onnx_thinet.cli.main import out
 
     @app.command("eval")
-    @user_errors
+    @cli_errors
     def eval_command(
         model: Annotated[Path, typer.Argument(help="ONNX model to evaluate.")],
         data: Annotated[Path, typer.Option("--data", help=".npz with x and y, or an image folder with one sub-folder per class.")],

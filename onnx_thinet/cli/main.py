@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,8 +18,10 @@ from rich.table import Table
 
 from onnx_thinet.channels.analysis import analyze
 from onnx_thinet.check.metrics import count_params, layer_costs
+from onnx_thinet.cli.errors import cli_errors, interrupted
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.data import load_calibration, parse_preprocess
+from onnx_thinet.io.files import write_text_atomic
 from onnx_thinet.io.graph import canonicalize, load_model, save_model_atomic
 from onnx_thinet.slim import SlimConfig, SlimResult, slim
 
@@ -34,33 +34,8 @@ out = Console()
 err = Console(stderr=True)
 
 
-def user_errors(fn):
-    """Turn ThinetError into one line on stderr and exit code 2; never show a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = os.environ.get("ONNX_THINET_DEBUG") == "1"
-        try:
-            return fn(*args, **kwargs)
-        except ThinetError as exc:
-            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt as exc:
-            raise typer.Exit(_interrupted(exc)) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as exc:
-            if debug:
-                raise
-            err.print(f"error: internal error: {type(exc).__name__}: {exc} "
-                      "(set ONNX_THINET_DEBUG=1 for the traceback)", markup=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
 @app.command("slim")
-@user_errors
+@cli_errors
 def slim_command(
     model: Annotated[Path, typer.Argument(help="ONNX model to slim (never modified).")],
     calib: Annotated[Path, typer.Option("--calib", help=".npy (single input), .npz (keys = input names) or an image folder.")],
@@ -109,17 +84,10 @@ def slim_command(
             "file_bytes_before": _file_bytes(model), "file_bytes_after": size_after,
         }
         if report is not None:
-            _write_text_atomic(report, json.dumps(content, indent=2) + "\n")
+            write_text_atomic(report, json.dumps(content, indent=2) + "\n")
     if not quiet:
         _print_slim_summary(result, content)
     out.print(f"wrote {output}", highlight=False)
-
-
-def _interrupted(exc: KeyboardInterrupt) -> int:
-    """One line for SIGINT/SIGTERM; the exit code the shell uses for that signal (130, 143)."""
-    name = str(exc) or "SIGINT"
-    err.print(f"error: interrupted by {name}; nothing written", markup=False, highlight=False)
-    return 128 + getattr(signal, name, signal.SIGINT)
 
 
 _pending_signals: list[str] = []
@@ -193,18 +161,6 @@ def _file_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _print_slim_summary(result: SlimResult, content: dict) -> None:
     table = Table(title="pruned groups", title_justify="left")
     for col in ("producer", "consumers", "channels", "recon. error (slice)", "recon. error (rescaled)"):
@@ -233,7 +189,7 @@ def _print_slim_summary(result: SlimResult, content: dict) -> None:
 
 
 @app.command("inspect")
-@user_errors
+@cli_errors
 def inspect_command(
     model: Annotated[Path, typer.Argument(help="ONNX model to analyse.")],
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify")] = True,
@@ -308,7 +264,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt as exc:  # outside a command (argument parsing, exit)
-        sys.exit(_interrupted(exc))
+        sys.exit(interrupted(exc))
 
 
 if __name__ == "__main__":

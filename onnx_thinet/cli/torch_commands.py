@@ -6,12 +6,9 @@ CLI calls ``register(app)`` and the commands import torch only when they run.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,40 +21,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from onnx_thinet.cli.errors import cli_errors
 from onnx_thinet.errors import ThinetError
 
 __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
-
-
-def _user_errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """ThinetError -> one 'error: ...' line on stderr and exit 2; never a traceback.
-
-    Unexpected exceptions become one 'error: internal error: ...' line and exit 1
-    (ONNX_THINET_DEBUG=1 shows the traceback), like the main CLI.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        try:
-            return fn(*args, **kwargs)
-        except ThinetError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            if os.environ.get("ONNX_THINET_DEBUG") == "1":
-                raise
-            typer.echo(
-                f"error: internal error: {type(exc).__name__}: {exc} "
-                "(set ONNX_THINET_DEBUG=1 for the traceback)",
-                err=True,
-            )
-            raise typer.Exit(1) from None
-
-    return wrapper
 
 
 def _require_onnx_file(path: Path, what: str) -> None:
@@ -68,7 +37,7 @@ def _require_onnx_file(path: Path, what: str) -> None:
         raise ThinetError(f"{what} is not a file: {path}")
 
 
-@_user_errors
+@cli_errors
 def export_torch_command(
     model: Annotated[
         Path, typer.Argument(help="ONNX model to convert (e.g. the pruned SLIM.onnx).")
@@ -90,80 +59,63 @@ def export_torch_command(
     typer.echo("    net = load()  # torch.nn.Module in eval mode")
 
 
-@_user_errors
+# The finetune command's options, one alias each so the command reads as a list.
+Teacher = Annotated[Path, typer.Option("--teacher", help="Original, unpruned model (ORIGINAL.onnx).")]
+Data = Annotated[
+    Path, typer.Option("--data", help=".npz with x (and optional int labels y), or .npy of inputs.")
+]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Where to write the fine-tuned ONNX model.")]
+Epochs = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the data.")]
+Device = Annotated[
+    str, typer.Option("--device", help="auto (cuda when torch sees a GPU) | cpu | cuda.")
+]
+Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate (Adam, cosine decay).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1)]
+Temperature = Annotated[float, typer.Option("--temperature", help="Distillation temperature.")]
+CheckpointDir = Annotated[
+    Path | None,
+    typer.Option("--checkpoint-dir", help="Save a checkpoint here every epoch; resume from it."),
+]
+Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from --checkpoint-dir.")]
+Augment = Annotated[
+    bool,
+    typer.Option(
+        "--augment/--no-augment",
+        help="Random shifts and flips (images); off by default: measured worse for short runs.",
+    ),
+]
+MaxSteps = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many steps.")]
+Seed = Annotated[int, typer.Option("--seed")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")]
+
+
+@cli_errors
 def finetune_command(
     model: Annotated[Path, typer.Argument(help="Pruned student model (SLIM.onnx).")],
-    teacher: Annotated[
-        Path, typer.Option("--teacher", help="Original, unpruned model (ORIGINAL.onnx).")
-    ],
-    data: Annotated[
-        Path,
-        typer.Option("--data", help=".npz with x (and optional int labels y), or .npy of inputs."),
-    ],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Where to write the fine-tuned ONNX model.")
-    ],
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the data.")] = 10,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
-    lr: Annotated[
-        float, typer.Option("--lr", help="Peak learning rate (Adam, cosine decay).")
-    ] = 1e-3,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
-    temperature: Annotated[
-        float, typer.Option("--temperature", help="Distillation temperature.")
-    ] = 4.0,
-    checkpoint_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint-dir", help="Save a checkpoint here every epoch; resume from it."
-        ),
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume/--no-resume", help="Resume from --checkpoint-dir.")
-    ] = True,
-    augment: Annotated[
-        bool, typer.Option(
-            "--augment/--no-augment",
-            help="Random shifts and flips (images); off by default: measured worse for short runs.",
-        ),
-    ] = False,
-    max_steps: Annotated[
-        int | None, typer.Option("--max-steps", min=1, help="Stop after this many steps.")
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    force: Annotated[
-        bool, typer.Option("--force", help="Overwrite --output if it exists.")
-    ] = False,
+    teacher: Teacher,
+    data: Data,
+    output: Output,
+    epochs: Epochs = 10,
+    device: Device = "auto",
+    lr: Lr = 1e-3,
+    batch_size: BatchSize = 64,
+    temperature: Temperature = 4.0,
+    checkpoint_dir: CheckpointDir = None,
+    resume: Resume = True,
+    augment: Augment = False,
+    max_steps: MaxSteps = None,
+    seed: Seed = 0,
+    force: Force = False,
 ) -> None:
     """Recover a pruned model's accuracy by distilling the original model into it."""
     from onnx_thinet.pytorch.finetune import finetune
 
-    _require_onnx_file(model, "student model")
-    _require_onnx_file(teacher, "teacher model")
-    if not data.is_file():
-        raise ThinetError(f"data file not found: {data}")
-    if output.exists() and not force:
-        raise ThinetError(f"{output} already exists; pass --force to overwrite it")
-    if output.resolve() in (model.resolve(), teacher.resolve()) and not force:
-        raise ThinetError("--output must differ from the student and teacher models")
+    _check_finetune_paths(model, teacher, data, output, force)
+    options = dict(device=device, lr=lr, batch_size=batch_size, temperature=temperature,
+                   checkpoint_dir=checkpoint_dir, resume=resume, augment=augment,
+                   max_steps=max_steps, seed=seed)
     try:
-        result = _run_with_progress(
-            finetune,
-            model,
-            teacher,
-            data,
-            epochs,
-            output,
-            device=device,
-            lr=lr,
-            batch_size=batch_size,
-            temperature=temperature,
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
-            augment=augment,
-            max_steps=max_steps,
-            seed=seed,
-        )
+        result = _run_with_progress(finetune, model, teacher, data, epochs, output, **options)
     except KeyboardInterrupt:
         where = f"; rerun to resume from {checkpoint_dir}" if checkpoint_dir else ""
         typer.echo(f"interrupted{where}", err=True)
@@ -173,6 +125,18 @@ def finetune_command(
         f"{result.seconds_per_epoch:.2f} s/epoch, {result.samples_per_second:.0f} samples/s, "
         f"distillation loss {result.initial_loss:.4f} -> {result.final_loss:.4f}"
     )
+
+
+def _check_finetune_paths(model: Path, teacher: Path, data: Path, output: Path, force: bool) -> None:
+    """The common mistakes, before torch is imported."""
+    _require_onnx_file(model, "student model")
+    _require_onnx_file(teacher, "teacher model")
+    if not data.is_file():
+        raise ThinetError(f"data file not found: {data}")
+    if output.exists() and not force:
+        raise ThinetError(f"{output} already exists; pass --force to overwrite it")
+    if output.resolve() in (model.resolve(), teacher.resolve()) and not force:
+        raise ThinetError("--output must differ from the student and teacher models")
 
 
 def _run_with_progress(finetune, *args, **kwargs):  # type: ignore[no-untyped-def]

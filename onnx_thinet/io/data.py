@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_thinet.calibration.runtime import ONNX_TO_NUMPY, graph_inputs
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.feeds import ONNX_TO_NUMPY
+from onnx_thinet.io.graph import graph_inputs
 
 __all__ = [
     "PRESETS",
@@ -28,6 +29,8 @@ __all__ = [
     "check_arrays",
     "load_calibration",
     "parse_preprocess",
+    "read_npy",
+    "read_npz",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,14 +62,15 @@ def parse_preprocess(spec: str) -> Preprocess:
     """`PRESET[,key=value...]`, e.g. `imagenet,size=160,layout=nhwc` or `unit,mean=0.5,std=0.5`."""
     name, *overrides = [p.strip() for p in spec.split(",") if p.strip()]
     if name not in PRESETS:
-        raise ThinetError(f"--preprocess: unknown preset {name!r} (choose {', '.join(PRESETS)})")
+        raise ThinetError(f"preprocess: unknown preset {name!r} (choose {', '.join(PRESETS)})",
+                          params=("preprocess",))
     pre = PRESETS[name]
     for item in overrides:
         key, _, value = item.partition("=")
         try:
             pre = _override(pre, key.strip().lower(), value.strip())
         except ValueError:
-            raise ThinetError(f"--preprocess: cannot read {item!r}") from None
+            raise ThinetError(f"preprocess: cannot read {item!r}", params=("preprocess",)) from None
     return pre
 
 
@@ -140,10 +144,29 @@ def load_calibration(
             raise ThinetError(f"{path}: a .npy feeds one input, the model has {len(inputs)}; use .npz")
         arrays = {inputs[0].name: _load_npy(path)}
     elif path.suffix == ".npz":
-        arrays = _load_npz(path)
+        arrays = read_npz(path)
     else:
         raise ThinetError(f"{path}: calibration data must be .npy, .npz or a folder of images")
     return ArrayData(check_arrays(path, arrays, inputs))
+
+
+def read_npy(path: str | os.PathLike) -> np.ndarray:
+    """A `.npy` array, memory-mapped (pickles refused), or one line saying why not."""
+    return _load_npy(Path(path))
+
+
+def read_npz(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The arrays of a `.npz` archive (pickles refused); `required` names must be among them.
+
+    The one `.npz` reader: calibration, labelled evaluation data and fine-tuning data.
+    """
+    path = Path(path)
+    arrays = _load_npz(path)
+    missing = [name for name in required if name not in arrays]
+    if missing:
+        found = ", ".join(sorted(arrays)) or "none"
+        raise ThinetError(f"{path}: no array {missing[0]!r} (found: {found})")
+    return arrays
 
 
 def _load_npy(path: Path) -> np.ndarray:

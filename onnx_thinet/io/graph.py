@@ -13,13 +13,19 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.files import atomic_write
 from onnx_thinet.io.validate import validate_model
 
 __all__ = [
+    "DEFAULT_OPSET",
+    "CanonicalStep",
     "GraphIndex",
     "canonicalize",
+    "canonicalize_steps",
+    "graph_inputs",
     "infer_shapes",
     "load_model",
+    "opset_version",
     "save_model_atomic",
     "static_input_shapes",
     "tensor_shape",
@@ -29,10 +35,12 @@ logger = logging.getLogger(__name__)
 
 # Protobuf refuses to serialise a single message above 2 GiB; leave headroom.
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+DEFAULT_OPSET = 1
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX file (with any external data beside it) or explain in one line why not."""
+    """Load an ONNX file (with any external data beside it), checked by the ONNX checker,
+    or explain in one line why not."""
     path = Path(path)
     if not path.exists():
         raise ThinetError(f"{path}: no such file")
@@ -45,8 +53,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     validate_model(model, path)  # vets external-data paths before reading them, then the graph
     if not model.graph.node:
         raise ThinetError(f"{path}: not a readable ONNX model (the graph has no nodes)")
-    try:
-        onnx.checker.check_model(model)
+    try:  # above 2 GB a message cannot be checked in memory: the checker reads the file
+        onnx.checker.check_model(str(path) if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD else model)
     except Exception as exc:
         raise ThinetError(f"{path}: the ONNX checker rejects the model ({_one_line(exc)})") from None
     return model
@@ -58,40 +66,51 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> int:
     Models above ~2 GB are stored with their weights in `<name>.data` beside the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
-            return _save_external(model, path, Path(tmp))
-        with open(tmp, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-        return path.stat().st_size
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        Path(tmp + ".data").unlink(missing_ok=True)  # _save_external's temp weights
-        raise
+    if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _save_external(model, path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(model.SerializeToString()))
+    return path.stat().st_size
 
 
-def _save_external(model: onnx.ModelProto, path: Path, tmp: Path) -> int:
+def _save_external(model: onnx.ModelProto, path: Path) -> int:
+    """The graph and `<name>.data` through temp files; the data file is renamed first."""
     data_name = path.name + ".data"
-    tmp_data = tmp.with_name(tmp.name + ".data")
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    onnx.save_model(
-        model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=tmp_data.name, size_threshold=0,
-    )
-    # The location recorded in the graph must name the final data file, not the temp one.
-    for init in model.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                entry.value = data_name
-    with open(tmp, "wb") as f:
-        f.write(model.SerializeToString())
-    os.replace(tmp_data, path.with_name(data_name))
-    os.replace(tmp, path)
+
+    def write_data(tmp_data: Path) -> None:
+        copy = onnx.ModelProto.FromString(model.SerializeToString())
+        graph_tmp = tmp_data.with_name(tmp_data.name + ".onnx")
+        try:
+            onnx.save_model(copy, str(graph_tmp), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=0)
+        finally:
+            graph_tmp.unlink(missing_ok=True)
+        # The location recorded in the graph must name the final data file, not the temp one.
+        for init in copy.graph.initializer:
+            for entry in init.external_data:
+                if entry.key == "location":
+                    entry.value = data_name
+        atomic_write(path, lambda tmp: tmp.write_bytes(copy.SerializeToString()))
+
+    atomic_write(path.with_name(data_name), write_data)
     return path.stat().st_size + path.with_name(data_name).stat().st_size
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The default-domain opset, which decides op semantics.
+
+    A model without a default-domain entry predates opset imports (IR < 3): opset 1.
+    """
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return DEFAULT_OPSET
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Inputs that the caller feeds (older exporters also list initializers as inputs)."""
+    init_names = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in init_names]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -113,10 +132,7 @@ def static_input_shapes(
 ) -> onnx.ModelProto:
     """Copy of `model` whose graph inputs have concrete dims (batch 1 unless `fixed` says)."""
     out = onnx.ModelProto.FromString(model.SerializeToString())
-    init_names = {i.name for i in out.graph.initializer}
-    for inp in out.graph.input:
-        if inp.name in init_names:
-            continue
+    for inp in graph_inputs(out):
         dims = inp.type.tensor_type.shape.dim
         want = (fixed or {}).get(inp.name)
         for k, d in enumerate(dims):
@@ -147,27 +163,52 @@ def tensor_shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...
     return tuple(dims)
 
 
+@dataclass(frozen=True)
+class CanonicalStep:
+    """One canonicalization step: applied, or skipped with the reason (the report's
+    `canonicalization` entries)."""
+
+    step: str
+    applied: bool
+    reason: str | None = None
+
+
 def canonicalize(model: onnx.ModelProto, simplify: bool = True) -> onnx.ModelProto:
     """Bring an exported graph into the plain form the channel rules understand.
 
+    `canonicalize_steps` without the account of which steps ran.
+    """
+    return canonicalize_steps(model, simplify)[0]
+
+
+def canonicalize_steps(
+    model: onnx.ModelProto, simplify: bool = True
+) -> tuple[onnx.ModelProto, tuple[CanonicalStep, ...]]:
+    """Canonical form of `model` and, per optional step, whether it was applied and why not.
+
     Constants become initializers, then onnx-simplifier folds shape arithmetic and
-    onnxruntime's basic optimizer removes no-op nodes. Each step is checked against the
-    input's outputs on random data and dropped if it changes them or fails.
+    onnxruntime's basic optimizer removes no-op nodes. Each optional step is checked
+    against the input's outputs on random data and skipped if it fails or changes them;
+    a skipped step is logged and returned with its reason, never silently dropped.
     """
     model = _name_nodes(_constants_to_initializers(model))
+    steps = (("onnxsim", _simplify_onnxsim), ("onnxruntime", _optimize_ort_basic))
     if not simplify:
-        return infer_shapes(model)
-    for name, step in (("onnxsim", _simplify_onnxsim), ("onnxruntime", _optimize_ort_basic)):
+        return infer_shapes(model), tuple(CanonicalStep(n, False, "simplify=False") for n, _ in steps)
+    done = []
+    for name, step in steps:
         try:
             candidate = step(model)
-        except Exception as exc:
-            logger.info("%s canonicalization skipped: %s", name, _one_line(exc))
-            continue
-        if _same_outputs(model, candidate):
-            model = candidate
+        except Exception as exc:  # third-party optimizers fail in many ways; reported below
+            reason = f"failed: {type(exc).__name__}: {_one_line(exc)}"
         else:
-            logger.info("%s canonicalization changed outputs; skipped", name)
-    return infer_shapes(_name_nodes(_constants_to_initializers(model)))
+            reason = _outputs_differ(model, candidate)
+            if reason is None:
+                model = candidate
+        if reason is not None:
+            logger.info("%s canonicalization skipped: %s", name, reason)
+        done.append(CanonicalStep(name, reason is None, reason))
+    return infer_shapes(_name_nodes(_constants_to_initializers(model))), tuple(done)
 
 
 def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -267,26 +308,29 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
     raise ValueError(f"Constant with {attr.name}")
 
 
-def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    from onnx_thinet.calibration.runtime import random_inputs, run_model
+def _outputs_differ(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None:
+    """Why `b` cannot replace `a` on seeded random inputs (None: same outputs)."""
+    from onnx_thinet.calibration.runtime import run_model
+    from onnx_thinet.io.feeds import dummy_feeds
 
     try:
-        feeds = random_inputs(a, batch=2, seed=0)
+        feeds = dummy_feeds(a, batch=2, seed=0)
         out_a = run_model(a, feeds)
         out_b = run_model(b, feeds)
-    except Exception as exc:
-        logger.info("could not compare canonicalized outputs: %s", _one_line(exc))
-        return False
+    except Exception as exc:  # any failure to run either model means "cannot tell": not applied
+        return f"could not compare outputs: {type(exc).__name__}: {_one_line(exc)}"
+    if len(out_a) != len(out_b):
+        return "changed the number of outputs"
     for x, y in zip(out_a, out_b):
         if x.shape != y.shape:
-            return False
+            return f"changed an output shape {x.shape} -> {y.shape}"
         if x.dtype.kind == "f":
             scale = max(float(np.abs(x).max(initial=0.0)), 1e-6)
             if float(np.abs(x - y).max(initial=0.0)) > 1e-4 * scale:
-                return False
+                return "changed the outputs"
         elif not np.array_equal(x, y):
-            return False
-    return len(out_a) == len(out_b)
+            return "changed the outputs"
+    return None
 
 
 @dataclass

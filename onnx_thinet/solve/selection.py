@@ -63,9 +63,9 @@ def choose_channels(
     reconstruct: `none` slices, `scale` fits one factor per kept channel, `full` re-fits every
     consumer weight and bias on the kept inputs."""
     if method not in METHODS:
-        raise ThinetError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
+        raise ThinetError(f"method must be one of {', '.join(METHODS)} (got {method!r})", params=("method",))
     if reconstruct not in RECONSTRUCTIONS:
-        raise ThinetError(f"--reconstruct must be one of {', '.join(RECONSTRUCTIONS)}")
+        raise ThinetError(f"reconstruct must be one of {', '.join(RECONSTRUCTIONS)}", params=("reconstruct",))
     total = reduce(ConsumerStats.merged, stats.values())
     kept = _select(method, total, keep, filter_l1, rng)
     ones = np.ones(len(kept))
