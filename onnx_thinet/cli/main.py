@@ -91,21 +91,35 @@ def slim_command(
 
 
 _pending_signals: list[str] = []
+_raised: list[bool] = []
+_SWALLOWING = ("onnxsim",)  # C++ extensions that catch every exception raised inside them
 
 
 def _raise_interrupt(signum: int, frame) -> None:
     """SIGINT and SIGTERM unwind like Ctrl-C, so temp files and partial outputs are removed.
 
-    Only the first signal raises: more signals during that cleanup must not cut it short.
+    Only one signal raises: more signals during that cleanup must not cut it short. Inside
+    onnxsim the raise would be swallowed (with onnxsim's own warnings), so it waits for the
+    next checkpoint.
     """
     _pending_signals.append(signal.Signals(signum).name)
-    if len(_pending_signals) == 1:
+    if not _raised and not _inside(frame, _SWALLOWING):
+        _raised.append(True)
         raise KeyboardInterrupt(_pending_signals[0])
 
 
+def _inside(frame, modules: tuple[str, ...]) -> bool:
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(modules):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _checkpoint(*_progress) -> None:
-    """Raise a signal's interrupt again: C++ extensions (onnxsim) can swallow the first one."""
+    """Raise a pending signal's interrupt (one that arrived inside onnxsim)."""
     if _pending_signals:
+        _raised.append(True)
         raise KeyboardInterrupt(_pending_signals[0])
 
 

@@ -74,25 +74,30 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> int:
 
 
 def _save_external(model: onnx.ModelProto, path: Path) -> int:
-    """The graph and `<name>.data` through temp files; the data file is renamed first."""
+    """The graph and `<name>.data` through temp files: the data is renamed into place first and
+    the graph after it, so a failure never leaves a graph whose weights are missing."""
     data_name = path.name + ".data"
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
 
     def write_data(tmp_data: Path) -> None:
-        copy = onnx.ModelProto.FromString(model.SerializeToString())
         graph_tmp = tmp_data.with_name(tmp_data.name + ".onnx")
-        try:
+        try:  # moves the weights of `copy` into tmp_data, leaving references in `copy`
             onnx.save_model(copy, str(graph_tmp), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=0)
         finally:
             graph_tmp.unlink(missing_ok=True)
-        # The location recorded in the graph must name the final data file, not the temp one.
-        for init in copy.graph.initializer:
-            for entry in init.external_data:
-                if entry.key == "location":
-                    entry.value = data_name
-        atomic_write(path, lambda tmp: tmp.write_bytes(copy.SerializeToString()))
 
     atomic_write(path.with_name(data_name), write_data)
+    # The location recorded in the graph must name the final data file, not the temp one.
+    for init in copy.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    try:
+        atomic_write(path, lambda tmp: tmp.write_bytes(copy.SerializeToString()))
+    except BaseException:
+        path.with_name(data_name).unlink(missing_ok=True)
+        raise
     return path.stat().st_size + path.with_name(data_name).stat().st_size
 
 
