@@ -75,9 +75,10 @@ def main() -> int:
             (args.out / f"seed{seed}.txt").write_text("\n".join(lines) + "\n")
             print(f"seed {seed}: " + "; ".join(f"{k}: {d.splitlines()[0][:160]}" for k, d in outcome.failures),
                   flush=True)
-        if counts["graphs"] % 50 == 0:
-            print(json.dumps(_summary(counts, failures, blocks, refusals, torch, time.perf_counter() - clock)),
-                  flush=True)
+        if counts["graphs"] % 50 == 0:  # a run stopped early keeps its counts
+            summary = _summary(counts, failures, blocks, refusals, torch, time.perf_counter() - clock)
+            (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(json.dumps(summary), flush=True)
     summary = _summary(counts, failures, blocks, refusals, torch, time.perf_counter() - clock)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
