@@ -11,13 +11,19 @@ import numpy as np
 import onnx
 
 from onnx_thinet.calibration.collect import ConsumerStats, collect_statistics
-from onnx_thinet.channels.analysis import Analysis, analyze
-from onnx_thinet.channels.layout import ChannelGroup
+from onnx_thinet.channels.analysis import Analysis, analyze, quantization_refusal
+from onnx_thinet.channels.layout import ChannelGroup, Segment, channel_indicator
 from onnx_thinet.check.metrics import count_params, total_flops
 from onnx_thinet.check.verify import OutputComparison, check_model, compare_outputs
 from onnx_thinet.errors import InternalError, ThinetError
 from onnx_thinet.io.data import CalibrationData
-from onnx_thinet.io.graph import CanonicalStep, GraphIndex, canonicalize_steps, infer_shapes
+from onnx_thinet.io.graph import (
+    CanonicalStep,
+    GraphIndex,
+    canonicalize_steps,
+    infer_shapes,
+    preserve_interface,
+)
 from onnx_thinet.rewrite.surgery import apply_selection, initializer_array
 from onnx_thinet.solve.selection import METHODS, RECONSTRUCTIONS, Selection, choose_channels
 from onnx_thinet.solve.solvers import keep_count
@@ -49,6 +55,7 @@ class SlimConfig:
     only: tuple[str, ...] | None = None  # prune just these producers (the others are kept)
     finetune_data: str | None = None  # layer-by-layer schedule: fine-tune after each pass
     finetune_steps: int = 0
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] | None = None  # FLOPs at this size, not the calibration's
 
     def validate(self) -> None:
         if not 0.0 < self.keep_ratio <= 1.0:
@@ -99,6 +106,7 @@ class SlimResult:
     forward_passes: int
     timings: dict[str, float] = field(default_factory=dict)
     config: SlimConfig = field(default_factory=SlimConfig)
+    flops_input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     canonicalization: tuple[CanonicalStep, ...] = ()
 
     def report(self) -> dict:
@@ -108,6 +116,7 @@ class SlimResult:
             "params_after": self.params_after,
             "flops_before": self.flops_before,
             "flops_after": self.flops_after,
+            "flops_input_shapes": {k: list(v) for k, v in self.flops_input_shapes.items()},
             "output_rel_error": self.verification.rel_error,
             "output_max_abs_error": self.verification.max_abs_error,
             "top1_agreement": self.verification.top1_agreement,
@@ -197,6 +206,9 @@ def slim(
     config.validate()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
+    refusal = quantization_refusal(model)
+    if refusal is not None:
+        raise ThinetError(refusal)
     canonical, canonical_steps = canonicalize_steps(model, simplify=config.simplify)
     analysis = analyze(canonical, prune_coupled=config.prune_coupled)
     timings["analysis"] = time.perf_counter() - clock
@@ -212,17 +224,18 @@ def slim(
     current = _finalize(current, model)
     check_model(current)
     comparison = compare_outputs(model, current, data, held, config.batch_size, config.device)
-    shapes = _sample_shapes(data)
+    shapes = dict(config.input_shapes) if config.input_shapes else _sample_shapes(data)
     timings["verification"] = time.perf_counter() - clock
     return SlimResult(
         model=current,
         analysis=analysis,
         groups=results,
         verification=comparison,
-        params_before=count_params(model),
+        params_before=count_params(canonical),
         params_after=count_params(current),
-        flops_before=total_flops(model, shapes),
+        flops_before=total_flops(canonical, shapes),
         flops_after=total_flops(current, shapes),
+        flops_input_shapes=shapes,
         forward_passes=len(waves),
         timings=timings,
         config=config,
@@ -273,14 +286,28 @@ def _prune_waves(canonical, waves, data, train, config: SlimConfig, progress):
         )
         for group in wave:
             selection = _select_group(current, group, stats[group.producer], config, rng)
+            filters = _kept_filters(current, group, selection.kept)  # read before the cut
             if len(selection.kept) < group.channels:
                 apply_selection(current, group, selection.kept, selection.scales, selection.refits)
-                kept_outputs.update({p: selection.kept for p in group.producers})
-            results.append(_group_result(group, selection, stats[group.producer]))
+                kept_outputs.update({p: filters[1] for p in group.producers})
+            results.append(_group_result(group, selection, stats[group.producer], filters))
         current = infer_shapes(current)
         if config.finetune_steps:
             current = _finetune_between_passes(current, canonical, config, pass_index, teacher_cache)
     return current, results
+
+
+def _kept_filters(model: onnx.ModelProto, group: ChannelGroup, kept: np.ndarray) -> tuple[int, np.ndarray]:
+    """The producer's filter count and the filters a selection keeps. A channel of the group is
+    several filters when a grouped conv reader cuts by whole groups, or one filter of every
+    group of a grouped conv producer; a window of a joint group stays in group channels."""
+    item = next(s for s in group.slices if s.node == group.producers[0] and s.input_index == 1)
+    layout = item.layout
+    if layout.segments != (Segment(0, 0, layout.total),):
+        return group.channels, np.asarray(kept)
+    node = next(n for n in model.graph.node if n.name == item.node)
+    length = int(initializer_array(model, node.input[1]).shape[item.axis])
+    return length, np.sort(layout.positions(np.asarray(kept), length)[0])
 
 
 def _teacher_cache():
@@ -314,21 +341,24 @@ def _filter_l1(model: onnx.ModelProto, group: ChannelGroup) -> np.ndarray:
     total = np.zeros(group.channels)
     for item in group.slices:
         if item.node in group.producers and item.input_index == 1:
-            weight = initializer_array(model, nodes[item.node].input[1])
-            total += np.abs(np.moveaxis(weight, item.axis, 0)).reshape(group.channels, -1).sum(axis=1)
+            weight = np.moveaxis(initializer_array(model, nodes[item.node].input[1]), item.axis, 0)
+            per_filter = np.abs(weight).reshape(len(weight), -1).sum(axis=1)
+            total += per_filter @ channel_indicator(item.layout, group.channels, len(weight))
     return total
 
 
-def _group_result(group: ChannelGroup, selection: Selection, stats) -> GroupResult:
+def _group_result(group: ChannelGroup, selection: Selection, stats, filters) -> GroupResult:
+    """`filters`: the producer's filter count and kept filters (see `_kept_filters`)."""
+    before, kept = filters
     return GroupResult(
         producer=group.producer,
         consumers=tuple(c.node for c in group.consumers),
-        channels_before=group.channels,
-        channels_after=int(len(selection.kept)),
+        channels_before=int(before),
+        channels_after=int(len(kept)),
         error_before=float(selection.error_before),
         error_after=float(selection.error_after),
         samples=int(sum(s.samples for s in stats.values())),
-        kept=tuple(int(i) for i in selection.kept),
+        kept=tuple(int(i) for i in kept),
     )
 
 
@@ -344,7 +374,7 @@ def _finalize(slimmed: onnx.ModelProto, original: onnx.ModelProto) -> onnx.Model
             vi.CopyFrom(outputs[vi.name])
     del slimmed.metadata_props[:]
     slimmed.metadata_props.extend(original.metadata_props)
-    return infer_shapes(slimmed)
+    return preserve_interface(original, infer_shapes(slimmed))
 
 
 def _sample_shapes(data: CalibrationData) -> dict[str, tuple[int, ...]]:
@@ -353,7 +383,9 @@ def _sample_shapes(data: CalibrationData) -> dict[str, tuple[int, ...]]:
 
 
 def _nothing_prunable(analysis: Analysis) -> str:
-    reasons = [f"{c.producer} (coupled: {c.reason})" for c in analysis.coupled]
+    tied = [c for c in analysis.coupled if "graph input" in c.reason]
+    reasons = [f"{c.producer} (tied to the model's interface: {c.reason})" for c in tied]
+    reasons += [f"{c.producer} (coupled: {c.reason})" for c in analysis.coupled if c not in tied]
     reasons += [f"{s.producer} ({s.reason})" for s in analysis.skipped]
     detail = "; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "")
     return "nothing prunable in this model" + (f": {detail}" if detail else " (no Conv, Gemm or MatMul producers)")

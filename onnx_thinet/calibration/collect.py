@@ -160,7 +160,7 @@ def collect_statistics(
                 sampler = _sampler(consumer, nodes[consumer.node], x.shape, weights[consumer.node],
                                    count, rng)
                 contrib = sampler(x, weights[consumer.node])
-                axis = 1 if consumer.kind == "conv" else x.ndim - 1
+                axis = consumer.kind.channel_axis(x.ndim)
                 indicator = channel_indicator(consumer.weight.layout, group.channels, x.shape[axis])
                 per_channel = contrib @ indicator
                 # The target is the group's share of the output; other inputs of the consumer
@@ -184,10 +184,12 @@ def collect_statistics(
 
 def _sampler(consumer: Consumer, node, x_shape, weight, count: int, rng):
     """Draw sample positions once; the returned function evaluates them on any (x, weight)."""
-    if consumer.kind == "conv":
-        geometry = _conv_geometry(node, x_shape, weight.shape)
+    if consumer.kind.windowed:
+        view = _conv_view(consumer, node)
+        conv_node, shape = view.node, view.shape(x_shape)
+        geometry = _conv_geometry(conv_node, shape, weight.shape)
         positions = conv_positions(x_shape[0], weight.shape[0], geometry, count, rng)
-        return lambda x, w: conv_contributions(x, w, geometry, positions)
+        return lambda x, w: conv_contributions(view.input(x), w, geometry, positions)
     rows = int(np.prod(x_shape[:-1], dtype=np.int64))
     positions = linear_positions(rows, weight.shape[1], count, rng)
     return lambda x, w: linear_contributions(x, w, positions)
@@ -196,9 +198,11 @@ def _sampler(consumer: Consumer, node, x_shape, weight, count: int, rng):
 def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight, bias,
                images: int, rng, first_image: int) -> None:
     """Sample whole consumer inputs at random places; targets are all outputs there."""
-    if consumer.kind == "conv":
+    if consumer.kind.windowed:
+        view = _conv_view(consumer, node)
+        x, ref_x = view.input(x), view.input(ref_x)
         dims = int(np.prod(weight.shape[1:]))
-        geometry = _conv_geometry(node, x.shape, weight.shape)
+        geometry = _conv_geometry(view.node, x.shape, weight.shape)
         places = int(np.prod(geometry.out_size))
         per_image = min(places, max(10, math.ceil(10 * dims / max(images, 1))))
         at = conv_positions(x.shape[0], 1, geometry, per_image, rng)
@@ -211,25 +215,46 @@ def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight,
         targets = ref_x.reshape(-1, ref_x.shape[-1]).astype(np.float64) @ weight + bias
         image = np.arange(len(inputs)) // (len(inputs) // x.shape[0])
     if entry.refit is None:
-        prior = weight.reshape(weight.shape[0], -1).T if consumer.kind == "conv" else weight
-        in_channels = x.shape[1 if consumer.kind == "conv" else -1]
+        prior = weight.reshape(weight.shape[0], -1).T if consumer.kind.windowed else weight
+        in_channels = x.shape[consumer.kind.channel_axis(x.ndim)]
         entry.refit = RefitStats(inputs.shape[1], targets.shape[1], in_channels, prior.astype(np.float64))
     entry.refit.add(inputs, targets, (first_image + image) % 2 == 1)
+
+
+@dataclass(frozen=True)
+class _ConvView:
+    """A windowed consumer as the plain Conv it is sampled as (`ConsumerKind.conv_attributes`)."""
+
+    node: onnx.NodeProto
+    consumer: Consumer
+    attrs: dict
+
+    def input(self, x: np.ndarray) -> np.ndarray:
+        return self.consumer.kind.conv_input(x, self.attrs)
+
+    def shape(self, x_shape) -> tuple[int, ...]:
+        probe = np.zeros((1, 1, *x_shape[2:]), np.float32)
+        return (*x_shape[:2], *self.input(probe).shape[2:])
+
+
+def _conv_view(consumer: Consumer, node: onnx.NodeProto) -> _ConvView:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    conv = helper.make_node("Conv", list(node.input), list(node.output),
+                            **consumer.kind.conv_attributes(attrs))
+    return _ConvView(conv, consumer, attrs)
 
 
 def _filters(values, consumer: Consumer, kept: np.ndarray | None, bias: bool = False):
     """The reference's weight or bias restricted to the output filters the consumer still has."""
     if kept is None or np.ndim(values) == 0:
         return values
-    if bias or consumer.kind == "conv":
-        return values[kept]
-    return values[:, kept]
+    return np.take(values, kept, axis=0 if bias else consumer.kind.filter_axis)
 
 
 def _consumer_bias(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray | float:
     """The consumer's additive bias per output (0 when it has none)."""
     node = next(n for n in model.graph.node if n.name == consumer.node)
-    if consumer.kind == "conv" or node.op_type == "Gemm":
+    if consumer.kind.windowed or node.op_type == "Gemm":
         if len(node.input) < 3 or not node.input[2]:
             return 0.0
         tensor = next((t for t in model.graph.initializer if t.name == node.input[2]), None)
@@ -245,11 +270,9 @@ def _consumer_weight(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray:
     node = next(n for n in model.graph.node if n.name == consumer.node)
     name = node.input[consumer.weight.input_index]
     tensor = next(t for t in model.graph.initializer if t.name == name)
-    weight = numpy_helper.to_array(tensor).astype(np.float32)
-    if consumer.kind == "conv":
-        return weight
-    if consumer.transpose:
-        weight = weight.T
+    weight = consumer.kind.working(numpy_helper.to_array(tensor).astype(np.float32), consumer.transpose)
+    if consumer.kind.windowed:
+        return np.ascontiguousarray(weight)
     alpha = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "alpha"), 1.0)
     return weight * np.float32(alpha)
 

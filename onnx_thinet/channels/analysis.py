@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from onnx_thinet.channels.rules import (
 from onnx_thinet.io.graph import GraphIndex, infer_shapes, opset_version
 from onnx_thinet.ops import channel_rule, traversal
 
-__all__ = ["Analysis", "analyze", "opset_version"]
+__all__ = ["QUANTIZED_OPS", "Analysis", "analyze", "opset_version", "quantization_refusal"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,27 @@ class Analysis:
     groups: tuple[ChannelGroup, ...]
     coupled: tuple[Coupled, ...]
     skipped: tuple[Skipped, ...]
+
+
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
+    "QLinearLeakyRelu", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
+})
+
+
+def quantization_refusal(model: onnx.ModelProto) -> str | None:
+    """Why a quantized graph is refused, or None for a float graph.
+
+    Pruning rescales float weights by least squares; quantized weights, scales and zero points
+    would have to be re-derived, so the float model is pruned first and quantized after.
+    """
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if not found:
+        return None
+    return (f"the model is quantized ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}): "
+            "onnx-thinet prunes float models; prune the float model first, then quantize the slim model")
 
 
 def analyze(model: onnx.ModelProto, prune_coupled: bool = False) -> Analysis:
@@ -64,6 +86,7 @@ def analyze(model: onnx.ModelProto, prune_coupled: bool = False) -> Analysis:
         if start is None:
             continue
         outcome = _walk(index, [node], [start], opset)
+        outcome = _by_whole_groups(index, node, outcome, opset)
         if isinstance(outcome, ChannelGroup):
             groups.append(outcome)
         elif isinstance(outcome, Coupled):
@@ -77,6 +100,22 @@ def analyze(model: onnx.ModelProto, prune_coupled: bool = False) -> Analysis:
 
 
 Window = tuple[int, int]  # channels [lo, hi) of a producer's output
+
+
+def _by_whole_groups(index: GraphIndex, node: onnx.NodeProto, outcome, opset: int):
+    """A Conv producer read by a grouped Conv: walked again with its filters in blocks of that
+    conv's channels per group, so whole groups are cut; the first outcome if that fails too."""
+    if not (isinstance(outcome, Skipped) and "grouped Conv" in outcome.reason and node.op_type == "Conv"):
+        return outcome
+    reader = next((n for n in index.model.graph.node if n.name == outcome.node), None)
+    weight = None if reader is None else index.const(reader.input[1])
+    start = _producer_start(index, node, unit=int(weight.shape[1])) if weight is not None else None
+    if start is None:
+        return outcome
+    again = _walk(index, [node], [start], opset)
+    if not isinstance(again, ChannelGroup):
+        return outcome
+    return dataclasses.replace(again, unit=int(weight.shape[1]))
 
 
 def _join_coupled(index: GraphIndex, coupled: list[Coupled], opset: int):
@@ -195,11 +234,12 @@ class _Start:
 
 
 def _producer_start(
-    index: GraphIndex, node: onnx.NodeProto, window: Window | None = None
+    index: GraphIndex, node: onnx.NodeProto, window: Window | None = None, unit: int = 1
 ) -> _Start | None:
     """Where a producer's channels begin, and its own weights to cut; None if not a producer.
 
-    With a `window`, only the Conv's output channels [lo, hi) belong to the group.
+    With a `window`, only the Conv's output channels [lo, hi) belong to the group; with a
+    `unit`, each channel of the group is `unit` consecutive filters of a Conv.
     """
     if node.domain not in ("", "ai.onnx") or not node.output:
         return None
@@ -208,14 +248,12 @@ def _producer_start(
         return None
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if node.op_type == "Conv" and attrs.get("group", 1) == 1 and weight.ndim >= 3:
-        total = int(weight.shape[0])
-        lo, hi = window or (0, total)
-        layout = Layout((Segment(lo, 0, hi - lo),), total)
-        slices = [ParamSlice(node.name, 1, 0, layout)]
-        if bias:
-            slices.append(ParamSlice(node.name, 2, 0, layout))
-        return _Start(Flow(node.output[0], 1, layout), hi - lo, tuple(slices))
+    if unit > 1:
+        return _unit_start(node, weight, bias, attrs, unit)
+    if node.op_type == "Conv" and attrs.get("group", 1) > 1 and weight.ndim >= 3:
+        return _grouped_start(node, weight, bias, int(attrs["group"]), window)
+    if node.op_type in ("Conv", "ConvTranspose") and attrs.get("group", 1) == 1 and weight.ndim >= 3:
+        return _filters_start(node, weight, bias, window, axis=0 if node.op_type == "Conv" else 1)
     if window is not None and window != (0, _out_channels(node, weight, attrs)):
         return None
     if node.op_type == "Gemm" and weight.ndim == 2:
@@ -236,6 +274,43 @@ def _producer_start(
         full = Layout.full(int(weight.shape[1]))
         return _Start(Flow(node.output[0], rank - 1, full), full.total, (ParamSlice(node.name, 1, 1, full),))
     return None
+
+
+def _unit_start(node: onnx.NodeProto, weight, bias, attrs: dict, unit: int) -> _Start | None:
+    """A group=1 Conv whose filters are selected `unit` at a time."""
+    if node.op_type != "Conv" or attrs.get("group", 1) != 1 or weight.shape[0] % unit:
+        return None
+    units = int(weight.shape[0]) // unit
+    layout = Layout((Segment(0, 0, units),), units, unit)
+    slices = [ParamSlice(node.name, 1, 0, layout)]
+    if bias:
+        slices.append(ParamSlice(node.name, 2, 0, layout))
+    return _Start(Flow(node.output[0], 1, layout), units, tuple(slices))
+
+
+def _grouped_start(node: onnx.NodeProto, weight, bias, group: int, window: Window | None) -> _Start | None:
+    """A grouped Conv's filters as `group` blocks of F/group: channel j is filter j of every
+    group, so each group loses the same filters and keeps its structure."""
+    per_group = int(weight.shape[0]) // group
+    if per_group < 2 or (window is not None and window != (0, per_group)):
+        return None
+    layout = Layout.full(per_group)
+    slices = [ParamSlice(node.name, 1, 0, layout)]
+    if bias:
+        slices.append(ParamSlice(node.name, 2, 0, layout))
+    return _Start(Flow(node.output[0], 1, layout), per_group, tuple(slices))
+
+
+def _filters_start(node: onnx.NodeProto, weight, bias, window: Window | None, axis: int) -> _Start:
+    """A group=1 (transposed) conv: its filters are weight axis `axis` (0 for Conv [F, C, k...],
+    1 for ConvTranspose [C, F, k...]); with a window, only filters [lo, hi)."""
+    total = int(weight.shape[axis])
+    lo, hi = window or (0, total)
+    layout = Layout((Segment(lo, 0, hi - lo),), total)
+    slices = [ParamSlice(node.name, 1, axis, layout)]
+    if bias:
+        slices.append(ParamSlice(node.name, 2, 0, layout))
+    return _Start(Flow(node.output[0], 1, layout), hi - lo, tuple(slices))
 
 
 def _out_channels(node: onnx.NodeProto, weight, attrs: dict) -> int:
@@ -272,7 +347,8 @@ def _walk(
             continue
         step = _apply_rule(ctx, node, inputs)
         if isinstance(step, CoupledStop):
-            return Coupled(name, start.channels, node.name, step.reason)
+            return Coupled(name, start.channels, node.name,
+                           _interface_tie(index, node, inputs) or step.reason)
         if isinstance(step, Blocked):
             return Skipped(name, node.name, f"{node.op_type}: {step.reason}")
         if isinstance(step, Consumed):
@@ -299,6 +375,26 @@ def _walk(
         path=tuple(path),
         producers=tuple(p.name for p in producers),
     )
+
+
+_DATA_MOVES = {"Identity", "Cast", "Slice", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Pad"}
+
+
+def _interface_tie(index: GraphIndex, node: onnx.NodeProto, inputs: dict[int, Flow]) -> str | None:
+    """A coupling with a tensor fed from outside (a streaming state cache): name that input."""
+    graph_inputs = {i.name for i in index.model.graph.input} - set(index.initializers)
+    for k, name in enumerate(node.input):
+        if k in inputs:
+            continue
+        for _ in range(8):  # follow ops that only move data back: Identity, Cast, Slice of a cache
+            if name in graph_inputs:
+                return (f"{node.op_type} ties these channels to graph input {name!r} (its channel "
+                        "count is part of the model's interface, e.g. a streaming state cache)")
+            producer = index.producer.get(name)
+            if producer is None or producer.op_type not in _DATA_MOVES:
+                break
+            name = producer.input[0]
+    return None
 
 
 def _apply_rule(ctx: RuleContext, node: onnx.NodeProto, inputs: dict[int, Flow]) -> Step:

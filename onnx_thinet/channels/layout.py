@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnx_thinet.channels.consumers import ConsumerKind, consumer_kind
+
 __all__ = [
     "AttrUpdate",
     "ChannelGroup",
@@ -109,12 +111,14 @@ class ParamSlice:
 
 @dataclass(frozen=True)
 class AttrUpdate:
-    """An integer attribute counting positions of an axis (a depthwise Conv's `group`)."""
+    """An integer attribute counting positions of an axis (a depthwise Conv's `group`), or
+    `per` positions each (a grouped Conv's `group`: input channels / channels per group)."""
 
     node: str
     attribute: str
     layout: Layout
     length: int
+    per: int = 1
 
 
 @dataclass(frozen=True)
@@ -135,17 +139,22 @@ class ShapeFix:
 class Consumer:
     """A layer that reads the group's channels as its input channels and is rescaled by ThiNet.
 
-    `kind` is "conv" (input patches) or "linear" (Gemm/MatMul, weight as [K, F] after
-    `transpose`). `weight` names the node input holding the weight, cut along its axis;
-    `bias_index` is where a bias input goes (None for MatMul, which has none).
+    `kind` says how it stores its weight and reads its input (`consumers.CONV`,
+    `CONV_TRANSPOSE`, `LINEAR` for Gemm/MatMul, `transpose` for Gemm's transB). `weight` names
+    the node input holding the weight, cut along its axis; `bias_index` is where a bias input
+    goes (None for MatMul, which has none).
     """
 
     node: str
-    kind: str
+    kind: ConsumerKind
     input: str
     weight: ParamSlice
     transpose: bool = False
     bias_index: int | None = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kind, str):  # a rule written against the old string field
+            object.__setattr__(self, "kind", consumer_kind(self.kind))
 
 
 @dataclass(frozen=True)
@@ -166,6 +175,7 @@ class ChannelGroup:
     shape_fixes: tuple[ShapeFix, ...] = ()
     path: tuple[str, ...] = ()
     producers: tuple[str, ...] = ()  # every producer node; several when pruned jointly
+    unit: int = 1  # filters per selectable channel: a grouped Conv reader is cut by whole groups
 
 
 @dataclass(frozen=True)

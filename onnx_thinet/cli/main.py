@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -16,13 +17,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from onnx_thinet.channels.analysis import analyze
-from onnx_thinet.check.metrics import count_params, layer_costs
+from onnx_thinet.channels.analysis import analyze, quantization_refusal
+from onnx_thinet.check.metrics import cost_input_shapes, count_params, layer_costs
 from onnx_thinet.cli.errors import cli_errors, interrupted
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.data import load_calibration, parse_preprocess
 from onnx_thinet.io.files import write_text_atomic
-from onnx_thinet.io.graph import canonicalize, load_model, save_model_atomic
+from onnx_thinet.io.graph import canonicalize, graph_inputs, load_model, save_model_atomic
 from onnx_thinet.slim import SlimConfig, SlimResult, slim
 
 app = typer.Typer(
@@ -60,8 +61,11 @@ def slim_command(
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Prune only this producer (repeatable; names as `inspect` shows them).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Count FLOPs at this input size: NAME=1,3,640,640 (repeatable) [default: a calibration sample's].")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what canonicalization and analysis tried.")] = False,
 ) -> None:
     """Prune filters with ThiNet and write a thinner, verified ONNX model."""
+    _set_verbose(verbose)
     config = SlimConfig(
         keep_ratio=keep_ratio, method=method, reconstruct=reconstruct, correct=correct, ridge=ridge, seed=seed,
         samples_per_image=samples_per_image, batch_size=batch_size, holdout=holdout,
@@ -75,6 +79,9 @@ def slim_command(
     if report is not None:
         _check_output(model, report, force)
     original = load_model(model)
+    if input_shape:
+        shapes = _parse_input_shapes(input_shape, original)
+        config = dataclasses.replace(config, input_shapes=tuple(shapes.items()))
     data = load_calibration(calib, original, parse_preprocess(preprocess))
     result = _run_with_progress(original, data, config, quiet)
     with _all_or_nothing(output, report):
@@ -187,7 +194,8 @@ def _print_slim_summary(result: SlimResult, content: dict) -> None:
     if kept:
         out.print(f"kept unpruned: {len(result.analysis.coupled)} coupled, "
                   f"{len(result.analysis.skipped)} not provably safe (see `inspect` or --report)")
-    totals = Table(title="totals", title_justify="left")
+    sizes = ", ".join(f"{k}={'x'.join(str(d) for d in v)}" for k, v in result.flops_input_shapes.items())
+    totals = Table(title=f"totals (FLOPs per sample at {sizes})", title_justify="left")
     for col in ("", "before", "after", "ratio"):
         totals.add_column(col)
     for label, key in (("params", "params"), ("FLOPs", "flops"), ("file bytes", "file_bytes")):
@@ -209,26 +217,72 @@ def inspect_command(
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify")] = True,
     prune_coupled: Annotated[bool, typer.Option("--prune-coupled", help="Show the joint groups --prune-coupled would cut.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Count FLOPs at this input size: NAME=1,3,640,640 (repeatable) [default: the model's static size].")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what canonicalization and analysis tried.")] = False,
 ) -> None:
     """Show prunable groups, coupled channels, params and FLOPs per layer (no calibration)."""
+    _set_verbose(verbose)
     original = load_model(model)
+    fixed = _parse_input_shapes(input_shape or [], original)
     canonical = canonicalize(original, simplify=simplify)
     analysis = analyze(canonical, prune_coupled=prune_coupled)
-    costs = layer_costs(canonical)
+    costs = layer_costs(canonical, fixed)
+    sizes = cost_input_shapes(canonical, fixed)
     info = {
         "params": count_params(canonical),
-        "flops": sum(c.flops or 0 for c in costs),
+        "flops": None if sizes is None else sum(c.flops or 0 for c in costs),
+        "flops_input_shapes": None if sizes is None else {k: list(v) for k, v in sizes.items()},
         "layers": [{"node": c.node, "op": c.op_type, "params": c.params, "flops": c.flops} for c in costs],
         "groups": [{"producer": g.producer, "channels": g.channels, "consumers": [c.node for c in g.consumers],
                     "path": list(g.path)} for g in analysis.groups],
         "coupled": [{"producer": c.producer, "channels": c.channels, "node": c.node, "reason": c.reason}
                     for c in analysis.coupled],
         "skipped": [{"producer": s.producer, "node": s.node, "reason": s.reason} for s in analysis.skipped],
+        "refusal": quantization_refusal(original),
     }
     if as_json:
         out.print_json(json.dumps(info))
         return
     _print_inspect(info)
+
+
+def _set_verbose(verbose: bool) -> None:
+    """`--verbose`: the library's info log (what was tried, what was skipped and why) on stderr."""
+    if not verbose:
+        return
+    package = logging.getLogger("onnx_thinet")
+    package.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not package.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+
+
+def _parse_input_shapes(specs: list[str], model) -> dict[str, tuple[int, ...]]:
+    """`NAME=1,3,640,640` for each graph input named; one clear error for anything else."""
+    names = [i.name for i in graph_inputs(model)]
+    shapes = {}
+    for spec in specs:
+        name, _, dims = spec.rpartition("=")
+        if not name and len(names) == 1:
+            name = names[0]
+        try:
+            shape = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            shape = ()
+        if name not in names or not shape or min(shape) < 1:
+            raise ThinetError(f"--input-shape {spec!r}: expected NAME=D0,D1,... with positive dims "
+                              f"for one of the inputs {', '.join(names)}")
+        shapes[name] = shape
+    return shapes
+
+
+def _size_text(info: dict) -> str:
+    sizes = info["flops_input_shapes"]
+    if sizes is None:
+        return "FLOPs unknown: the input size is dynamic (pass --input-shape NAME=1,3,H,W)"
+    shown = ", ".join(f"{k}={'x'.join(str(d) for d in v)}" for k, v in sizes.items())
+    return f"{info['flops']:,} FLOPs per sample at {shown}"
 
 
 def _print_inspect(info: dict) -> None:
@@ -253,7 +307,9 @@ def _print_inspect(info: dict) -> None:
     for s in info["skipped"]:
         kept.add_row(s["producer"], s["reason"], s["node"])
     out.print(kept)
-    out.print(f"total: {info['params']:,} params, {info['flops']:,} FLOPs per sample", highlight=False)
+    out.print(f"total: {info['params']:,} params, {_size_text(info)}", highlight=False)
+    if info["refusal"]:
+        out.print(f"slim refuses this model: {info['refusal']}", highlight=False, markup=False)
 
 
 def _register_optional_commands() -> None:

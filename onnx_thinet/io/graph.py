@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -26,6 +27,7 @@ __all__ = [
     "infer_shapes",
     "load_model",
     "opset_version",
+    "preserve_interface",
     "save_model_atomic",
     "static_input_shapes",
     "tensor_shape",
@@ -112,10 +114,11 @@ def opset_version(model: onnx.ModelProto) -> int:
     return DEFAULT_OPSET
 
 
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+def graph_inputs(model: onnx.ModelProto | onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     """Inputs that the caller feeds (older exporters also list initializers as inputs)."""
-    init_names = {i.name for i in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in init_names]
+    graph = model.graph if isinstance(model, onnx.ModelProto) else model
+    init_names = {i.name for i in graph.initializer}
+    return [i for i in graph.input if i.name not in init_names]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -148,6 +151,8 @@ def static_input_shapes(
                     value = 1
             d.Clear()
             d.dim_value = int(value)
+    for output in out.graph.output:  # declared output dims (an export's fixed batch) must not leak in
+        output.type.tensor_type.ClearField("shape")
     del out.graph.value_info[:]
     return infer_shapes(out)
 
@@ -166,6 +171,31 @@ def tensor_shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...
         else:
             dims.append(None)
     return tuple(dims)
+
+
+def preserve_interface(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the original's declared inputs and outputs, verbatim: names, element types,
+    and shapes with their symbolic or unknown dims (shape inference would fill those in).
+
+    A weight the original also lists as a graph input (older exporters) is listed again, with
+    the shape it has now.
+    """
+    weights = {t.name: t for t in model.graph.initializer}
+    inputs = []
+    for vi in original.graph.input:
+        if vi.name in weights:
+            t = weights[vi.name]
+            inputs.append(onnx.helper.make_tensor_value_info(vi.name, t.data_type, list(t.dims)))
+        else:  # verbatim, also one that simplification found unused (callers still feed it)
+            inputs.append(vi)
+    inputs += [vi for vi in model.graph.input if vi.name not in {i.name for i in inputs}]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    declared = {vi.name: vi for vi in original.graph.output}
+    for vi in model.graph.output:
+        if vi.name in declared:
+            vi.CopyFrom(declared[vi.name])
+    return model
 
 
 @dataclass(frozen=True)
@@ -196,14 +226,15 @@ def canonicalize_steps(
     against the input's outputs on random data and skipped if it fails or changes them;
     a skipped step is logged and returned with its reason, never silently dropped.
     """
-    model = _name_nodes(_constants_to_initializers(model))
+    model = _name_nodes(_weights_without_identity(_weights_not_inputs(_constants_to_initializers(model))))
     steps = (("onnxsim", _simplify_onnxsim), ("onnxruntime", _optimize_ort_basic))
     if not simplify:
         return infer_shapes(model), tuple(CanonicalStep(n, False, "simplify=False") for n, _ in steps)
     done = []
     for name, step in steps:
         try:
-            candidate = step(model)
+            with _quiet_onnxruntime():
+                candidate = step(model)
         except Exception as exc:  # third-party optimizers fail in many ways; reported below
             reason = f"failed: {type(exc).__name__}: {_one_line(exc)}"
         else:
@@ -211,9 +242,23 @@ def canonicalize_steps(
             if reason is None:
                 model = candidate
         if reason is not None:
-            logger.info("%s canonicalization skipped: %s", name, reason)
+            logger.info("canonicalization: %s skipped: %s", name, reason)
+        else:
+            logger.info("canonicalization: %s applied (outputs unchanged on random inputs)", name)
         done.append(CanonicalStep(name, reason is None, reason))
     return infer_shapes(_name_nodes(_constants_to_initializers(model))), tuple(done)
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime():
+    """Keep onnxruntime's own error lines (a probe that fails is expected) off the user's screen."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default: warnings and above
 
 
 def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -248,7 +293,7 @@ def _optimize_ort_basic(model: onnx.ModelProto) -> onnx.ModelProto:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.optimized_model_filepath = out
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4
         ort.InferenceSession(
             model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
         )
@@ -296,6 +341,41 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _weights_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Initializers that older exporters also list as graph inputs are weights, not inputs: the
+    channel rules need them constant (the slim model lists them again, see preserve_interface)."""
+    weights = {t.name for t in model.graph.initializer}
+    kept = [vi for vi in model.graph.input if vi.name not in weights]
+    if len(kept) < len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+    return model
+
+
+def _weights_without_identity(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Readers of Identity(initializer) read the initializer itself (an exporter's weight alias),
+    so a weight shared that way is seen as shared and copied before it is cut."""
+    source = {t.name for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    alias: dict[str, str] = {}
+    for node in model.graph.node:
+        if (node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input
+                and node.output[0] not in outputs):
+            origin = alias.get(node.input[0], node.input[0])
+            if origin in source:
+                alias[node.output[0]] = origin
+    if not alias:
+        return model
+    kept = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in kept:
+        for k, name in enumerate(node.input):
+            if name in alias:
+                node.input[k] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:
     attr = node.attribute[0] if node.attribute else None
     if attr is None:
@@ -315,13 +395,13 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
 
 def _outputs_differ(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None:
     """Why `b` cannot replace `a` on seeded random inputs (None: same outputs)."""
-    from onnx_thinet.calibration.runtime import run_model
     from onnx_thinet.io.feeds import dummy_feeds
 
     try:
         feeds = dummy_feeds(a, batch=2, seed=0)
-        out_a = run_model(a, feeds)
-        out_b = run_model(b, feeds)
+        with _quiet_onnxruntime():
+            out_a = _probe_run(a, feeds)
+            out_b = _probe_run(b, feeds)
     except Exception as exc:  # any failure to run either model means "cannot tell": not applied
         return f"could not compare outputs: {type(exc).__name__}: {_one_line(exc)}"
     if len(out_a) != len(out_b):
@@ -336,6 +416,18 @@ def _outputs_differ(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None:
         elif not np.array_equal(x, y):
             return "changed the outputs"
     return None
+
+
+def _probe_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a canonicalization probe with onnxruntime's logging off (failures are reported by us)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4
+    return session.run(None, feeds, run_options)
 
 
 @dataclass

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from onnx_thinet.channels.consumers import CONV, LINEAR
 from onnx_thinet.channels.layout import AttrUpdate, Consumer, Layout, ParamSlice
 from onnx_thinet.channels.rules import Blocked, Consumed, Flow, Through, on_data
+from onnx_thinet.channels.rules_more import conv_transpose_rule, grouped_conv
 from onnx_thinet.ops.registry import register
 from onnx_thinet.pytorch.source import (
     FLOAT_DTYPES,
@@ -36,17 +38,17 @@ def conv_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     weight = ctx.const(node, 1)
     if weight is None:
         return Blocked("Conv weight is not a constant initializer")
-    if flow.axis != 1 or ctx.outer(flow) != 1:
+    if flow.axis != 1 or ctx.outer(flow) is None:
         return Blocked("Conv reads channels on another axis")
     group = ctx.attr(node, "group", 1)
     in_channels = ctx.length(flow) or weight.shape[1] * group
     if group == 1:
         if weight.ndim not in (3, 4):
             return Blocked(f"{weight.ndim - 2}-D Conv consumers are not supported")
-        return Consumed(Consumer(node.name, "conv", flow.tensor, ParamSlice(node.name, 1, 1, flow.layout)))
-    if group == in_channels and weight.shape[1] == 1:
+        return Consumed(Consumer(node.name, CONV, flow.tensor, ParamSlice(node.name, 1, 1, flow.layout)))
+    if group == in_channels and weight.shape[1] == 1 and ctx.outer(flow) == 1:
         return _depthwise(node, flow, weight, in_channels)
-    return Blocked(f"grouped Conv (group={group}) mixes channels within groups")
+    return grouped_conv(ctx, node, flow, weight, group, in_channels)
 
 
 def _depthwise(node: onnx.NodeProto, flow: Flow, weight: np.ndarray, in_channels: int) -> Step:
@@ -72,7 +74,7 @@ def gemm_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
         return Blocked("Gemm reads channels on another axis")
     transposed = bool(ctx.attr(node, "transB", 0))
     weight = ParamSlice(node.name, 1, 1 if transposed else 0, flow.layout)
-    return Consumed(Consumer(node.name, "linear", flow.tensor, weight, transpose=transposed))
+    return Consumed(Consumer(node.name, LINEAR, flow.tensor, weight, transpose=transposed))
 
 
 @on_data
@@ -84,7 +86,7 @@ def matmul_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if rank is None or flow.axis != rank - 1:
         return Blocked("MatMul reads channels on another axis")
     weight_slice = ParamSlice(node.name, 1, 0, flow.layout)
-    return Consumed(Consumer(node.name, "linear", flow.tensor, weight_slice, bias_index=None))
+    return Consumed(Consumer(node.name, LINEAR, flow.tensor, weight_slice, bias_index=None))
 
 
 # ---------------------------------------------------------------- translators
@@ -141,7 +143,7 @@ def _conv(g: Codegen, node: onnx.NodeProto) -> None:
     g.emit(node, f"self.{attr}({x})")
 
 
-@register("ConvTranspose")
+@register("ConvTranspose", rule=conv_transpose_rule)
 def _conv_transpose(g: Codegen, node: onnx.NodeProto) -> None:
     """nn.ConvTranspose; asymmetric pads are cropped from the unpadded output."""
     a = attrs(node)

@@ -21,7 +21,7 @@ __all__: list[str] = []
 
 @on_data
 def _norm_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
-    if flow.axis != 1 or ctx.outer(flow) != 1:
+    if flow.axis != 1 or ctx.outer(flow) is None:  # outer blocks: a grouped producer's layout
         return Blocked(f"{node.op_type} normalizes another axis than the channels")
     if len(node.output) > 1 and any(ctx.index.uses.get(o) for o in node.output[1:] if o):
         return Blocked("BatchNormalization training outputs are used")

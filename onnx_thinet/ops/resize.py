@@ -15,6 +15,7 @@ import onnx
 
 from onnx_thinet.channels.layout import ShapeFix
 from onnx_thinet.channels.rules import Blocked, Flow, Through, on_data, same
+from onnx_thinet.channels.rules_more import resize_with_runtime_sizes
 from onnx_thinet.ops.registry import register
 from onnx_thinet.pytorch.source import attrs, flit, node_base
 
@@ -29,7 +30,9 @@ __all__: list[str] = []
 def _resize_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if len(node.input) > 3 and node.input[3]:
         sizes = ctx.const(node, 3)
-        if sizes is None or int(sizes[flow.axis]) != ctx.length(flow):
+        if sizes is None:
+            return resize_with_runtime_sizes(ctx, node, flow)
+        if int(sizes[flow.axis]) != ctx.length(flow):
             return Blocked("Resize output sizes are unknown")
         fix = ShapeFix(node.name, 3, flow.axis, flow.layout, ctx.length(flow))
         return Through((Flow(node.output[0], flow.axis, flow.layout),), shape_fixes=(fix,))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from onnx_thinet.channels.rules_more import shape_rule
 from onnx_thinet.ops.registry import register
 from onnx_thinet.pytorch.source import Val, attrs
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 
-@register("Shape")
+@register("Shape", rule=shape_rule)
 def _shape(g: Codegen, node: onnx.NodeProto) -> None:
     x = g.t(node.input[0], node)
     a = attrs(node)

@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.graph import graph_inputs, opset_version
 from onnx_thinet.ops.registry import translatable_ops, translator
 from onnx_thinet.pytorch.source import (
     FLOAT_DTYPES,
@@ -22,13 +23,12 @@ from onnx_thinet.pytorch.source import (
     auto_name,
     lit,
     node_base,
-    real_inputs,
     same_pads,
     sanitize,
     vi_dims,
 )
 
-__all__ = ["Codegen", "InitSource", "infer_types", "live_nodes", "opset_of"]
+__all__ = ["Codegen", "InitSource", "infer_types", "live_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +53,6 @@ class InitSource:
     scale: float = 1.0
 
 
-def opset_of(model: onnx.ModelProto) -> int:
-    """Default-domain opset of a model (what decides op semantics)."""
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 13
-
-
 def infer_types(model: onnx.ModelProto) -> tuple[dict[str, Any], dict[str, int]]:
     """Dims and element types of every value, from ONNX shape inference on a copy.
 
@@ -70,7 +62,7 @@ def infer_types(model: onnx.ModelProto) -> tuple[dict[str, Any], dict[str, int]]
     """
     relaxed = onnx.ModelProto()
     relaxed.CopyFrom(model)
-    for vi in real_inputs(relaxed.graph):
+    for vi in graph_inputs(relaxed.graph):
         dims = vi.type.tensor_type.shape.dim
         if len(dims) > 0 and dims[0].HasField("dim_value"):
             dims[0].dim_param = "batch"
@@ -119,7 +111,7 @@ class Codegen:
     def __init__(self, model: onnx.ModelProto, reserved_attrs: set[str]) -> None:
         self.model = model
         self.graph = model.graph
-        self.opset = opset_of(model)
+        self.opset = opset_version(model)
         self.values: dict[str, Val] = {}
         self.dims: dict[str, list[int | str | None] | None] = {}
         self.etypes: dict[str, int] = {}
@@ -316,7 +308,7 @@ class Codegen:
         self.dims, self.etypes = infer_types(self.model)
         for init in self.graph.initializer:
             self.values[init.name] = Val("const", array=numpy_helper.to_array(init))
-        for vi in real_inputs(self.graph):
+        for vi in graph_inputs(self.graph):
             arg = self.unique(sanitize(vi.name), self.locals_used, "input")
             self.arg_names.append(arg)
             self.values[vi.name] = Val("tensor", arg)

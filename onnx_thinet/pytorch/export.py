@@ -15,12 +15,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import math
-import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from onnx_thinet.errors import ThinetError
+from onnx_thinet.check.measure import max_relative_error
+from onnx_thinet.errors import InternalError, ThinetError
+from onnx_thinet.io.feeds import dummy_feeds
+from onnx_thinet.io.files import atomic_write
+from onnx_thinet.io.graph import graph_inputs, load_model, opset_version
 from onnx_thinet.ops import translatable_ops
-from onnx_thinet.pytorch.codegen import Codegen, InitSource, opset_of
+from onnx_thinet.pytorch.codegen import Codegen, InitSource
 from onnx_thinet.pytorch.render import render
-from onnx_thinet.pytorch.source import real_inputs, vi_dims
+from onnx_thinet.pytorch.source import vi_dims
 
 __all__ = [
     "SUPPORTED_OPS",
@@ -56,14 +58,9 @@ TORCH_REQUIRED_MESSAGE = (
 _EXPORTER_MIN_OPSET = 11
 _EXPORTER_MAX_OPSET = 20  # the TorchScript exporter (dynamo=False) stops at 20
 _VERIFY_TOL = 1e-4
-_SPATIAL_DUMMY = 64  # symbolic non-batch dims of the export check's dummy input
 
 SUPPORTED_OPS: tuple[str, ...] = tuple(translatable_ops())
 
-# helpers other modules (finetune) import from here
-_opset = opset_of
-_real_inputs = real_inputs
-_vi_dims = vi_dims
 
 
 def require_torch() -> Any:
@@ -73,17 +70,6 @@ def require_torch() -> Any:
     except (ImportError, OSError) as exc:
         raise ThinetError(TORCH_REQUIRED_MESSAGE) from exc
     return torch
-
-
-def _load_onnx(path: str | Path, *, external: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file, turning every failure into one readable line."""
-    p = Path(path)
-    if not p.is_file():
-        raise ThinetError(f"ONNX model not found: {p}")
-    try:
-        return onnx.load(str(p), load_external_data=external)
-    except Exception as exc:  # protobuf DecodeError, OSError, ...
-        raise ThinetError(f"{p} is not a readable ONNX model: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -99,19 +85,6 @@ class TorchExport:
     initializers: dict[str, InitSource]
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-
 def export_torch(onnx_path: str | Path, out_dir: str | Path, *, verify: bool = True) -> Path:
     """Write DIR/model.py (readable nn.Module) and DIR/weights.pt; return the model.py path.
 
@@ -119,7 +92,7 @@ def export_torch(onnx_path: str | Path, out_dir: str | Path, *, verify: bool = T
     if they differ nothing is written and the measured error is raised.
     """
     src = Path(onnx_path)
-    return export_torch_model(_load_onnx(src), out_dir, source=src.name, verify=verify).model_py
+    return export_torch_model(load_model(src), out_dir, source=src.name, verify=verify).model_py
 
 
 def export_torch_model(
@@ -140,7 +113,7 @@ def export_torch_model(
         raise ThinetError(f"{source} has an empty graph")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ThinetError(f"--output must be a directory: {out} is a file")
+        raise ThinetError(f"output must be a directory: {out} is a file", params=("output",))
     gen = Codegen(model, set(dir(torch.nn.Module)) | {"Model"})
     gen.run()
     text = render(gen, source)
@@ -183,38 +156,6 @@ def load_exported(model_py: str | Path) -> Any:
         raise ThinetError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
 
 
-def _dummy_feeds(model: onnx.ModelProto, batch: int = 2) -> dict[str, np.ndarray]:
-    """Seeded inputs following the model's input shapes (symbolic batch -> `batch`, other
-    symbolic dims -> 64); the export check cannot run without them, so failing here refuses."""
-    rng = np.random.default_rng(0)
-    feeds: dict[str, np.ndarray] = {}
-    for vi in real_inputs(model.graph):
-        dims = vi_dims(vi)
-        if dims is None:
-            raise ThinetError(f"input '{vi.name}' has no shape, so the export cannot be checked")
-        shape = [d if isinstance(d, int) else (batch if i == 0 else _SPATIAL_DUMMY) for i, d in enumerate(dims)]
-        etype = vi.type.tensor_type.elem_type
-        if etype in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(etype)
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-        elif etype in (TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL):
-            feeds[vi.name] = np.zeros(shape, onnx.helper.tensor_dtype_to_np_dtype(etype))
-        else:
-            raise ThinetError(f"input '{vi.name}' has an element type the export check cannot feed")
-    return feeds
-
-
-def _rel_err(ref: np.ndarray, got: np.ndarray) -> float:
-    """max |a-b| / max |a| (the project's tolerance measure)."""
-    ref = np.asarray(ref, dtype=np.float64)
-    got = np.asarray(got, dtype=np.float64)
-    if ref.shape != got.shape:
-        return math.inf
-    if ref.size == 0:
-        return 0.0
-    return float(np.max(np.abs(ref - got)) / max(float(np.max(np.abs(ref))), 1e-12))
-
-
 def _reference_run(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """onnxruntime's outputs on a dummy batch of 2, or of 1 for graphs that bake in batch 1."""
     import onnxruntime as ort
@@ -225,7 +166,7 @@ def _reference_run(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[
         raise ThinetError(f"onnxruntime cannot load the model ({exc}); nothing was written") from exc
     error: Exception | None = None
     for batch in (2, 1):
-        feeds = _dummy_feeds(model, batch)
+        feeds = dummy_feeds(model, batch)
         try:
             return feeds, sess.run(None, feeds)
         except Exception as exc:
@@ -237,8 +178,9 @@ def _reference_run(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[
 
 
 def _verify_export(model: onnx.ModelProto, model_py: Path, tol: float = _VERIFY_TOL) -> None:
-    """Compare the generated module with onnxruntime on the model's dummy input; raise if they
-    differ by more than `tol` (relative), or if either side cannot run."""
+    """Compare the generated module with onnxruntime on the model's dummy input (io's rule for
+    symbolic dims); raise InternalError if they differ by more than `tol` (relative) or the
+    module cannot run (a translation bug), ThinetError if onnxruntime cannot run the model."""
     torch = require_torch()
     feeds, ref = _reference_run(model)
     module = load_exported(model_py)
@@ -246,15 +188,15 @@ def _verify_export(model: onnx.ModelProto, model_py: Path, tol: float = _VERIFY_
         with torch.no_grad():
             got = module(*[torch.from_numpy(v) for v in feeds.values()])
     except Exception as exc:
-        raise ThinetError(
+        raise InternalError(
             f"the generated module fails on a dummy input ({type(exc).__name__}: {exc}); "
             "nothing was written; please report this as an onnx-thinet bug"
         ) from exc
     got = [got] if isinstance(got, torch.Tensor) else list(got)
     for name, r, t in zip([o.name for o in model.graph.output], ref, got, strict=False):
-        err = _rel_err(r, t.numpy())
+        err = max_relative_error(r, t.numpy())
         if err > tol:
-            raise ThinetError(
+            raise InternalError(
                 f"the generated module disagrees with onnxruntime on output '{name}' "
                 f"(relative error {err:.2e} > {tol:.0e}); nothing was written; "
                 "please report this as an onnx-thinet bug"
@@ -279,8 +221,8 @@ _TORCH_FROM_ONNX = {
 def _dummy_inputs(torch: Any, ref: onnx.ModelProto, device: Any) -> tuple[Any, ...]:
     """Example inputs for tracing: reference shapes, symbolic batch -> 2, other symbolic -> 32."""
     out = []
-    for vi in _real_inputs(ref.graph):
-        dims = _vi_dims(vi)
+    for vi in graph_inputs(ref.graph):
+        dims = vi_dims(vi)
         if dims is None:
             raise ThinetError(f"reference input '{vi.name}' has no shape; pass example_inputs")
         shape = [d if isinstance(d, int) else (2 if i == 0 else 32) for i, d in enumerate(dims)]
@@ -296,7 +238,7 @@ def _dummy_inputs(torch: Any, ref: onnx.ModelProto, device: Any) -> tuple[Any, .
 
 def _fit_batch(example: Any, vi: onnx.ValueInfoProto) -> Any:
     """Trim/repeat an example to the reference's static batch: tracing bakes it in."""
-    dims = _vi_dims(vi)
+    dims = vi_dims(vi)
     if not dims or not isinstance(dims[0], int) or example.dim() == 0:
         return example
     want = dims[0]
@@ -309,8 +251,8 @@ def _fit_batch(example: Any, vi: onnx.ValueInfoProto) -> Any:
 def _dynamic_axes(ref: onnx.ModelProto) -> dict[str, dict[int, str]]:
     """Dims that are symbolic or unknown in the reference inputs/outputs stay dynamic."""
     axes: dict[str, dict[int, str]] = {}
-    for vi in list(_real_inputs(ref.graph)) + list(ref.graph.output):
-        dims = _vi_dims(vi)
+    for vi in list(graph_inputs(ref.graph)) + list(ref.graph.output):
+        dims = vi_dims(vi)
         if not dims:
             continue
         dyn = {
@@ -338,8 +280,8 @@ def to_onnx(
     a half-written model behind.
     """
     torch = require_torch()
-    ref = _load_onnx(reference_onnx, external=False)
-    in_names = [vi.name for vi in real_inputs(ref.graph)]
+    ref = load_model(reference_onnx)
+    in_names = [vi.name for vi in graph_inputs(ref.graph)]
     args = _example_args(torch, module, ref, example_inputs)
     if len(args) != len(in_names):
         raise ThinetError(f"the reference model has {len(in_names)} inputs, got {len(args)} examples")
@@ -348,7 +290,7 @@ def to_onnx(
     was_training = module.training
     module.eval()
     try:
-        _atomic_write(out, lambda tmp: _export_renamed(torch, module, args, ref, tmp))
+        atomic_write(out, lambda tmp: _export_renamed(torch, module, args, ref, tmp))
     except ThinetError:
         raise
     except Exception as exc:
@@ -360,7 +302,7 @@ def to_onnx(
 
 
 def _export_opset(ref: onnx.ModelProto) -> int:
-    return min(max(opset_of(ref), _EXPORTER_MIN_OPSET), _EXPORTER_MAX_OPSET)
+    return min(max(opset_version(ref), _EXPORTER_MIN_OPSET), _EXPORTER_MAX_OPSET)
 
 
 def _example_args(torch: Any, module: Any, ref: onnx.ModelProto, examples: Sequence[Any] | None) -> tuple:
@@ -373,13 +315,13 @@ def _example_args(torch: Any, module: Any, ref: onnx.ModelProto, examples: Seque
         return _dummy_inputs(torch, ref, device)
     return tuple(
         _fit_batch(torch.as_tensor(a).to(device), vi)
-        for a, vi in zip(examples, real_inputs(ref.graph), strict=False)
+        for a, vi in zip(examples, graph_inputs(ref.graph), strict=False)
     )
 
 
 def _export_renamed(torch: Any, module: Any, args: tuple, ref: onnx.ModelProto, path: Path) -> None:
     """Trace under placeholder names, then give inputs and outputs the reference's names."""
-    in_names = [vi.name for vi in real_inputs(ref.graph)]
+    in_names = [vi.name for vi in graph_inputs(ref.graph)]
     out_names = [o.name for o in ref.graph.output]
     names = {f"onnx_thinet_input_{i}": n for i, n in enumerate(in_names)}
     names.update({f"onnx_thinet_output_{i}": n for i, n in enumerate(out_names)})

@@ -5,8 +5,9 @@ from __future__ import annotations
 import onnx
 
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.graph import graph_inputs
 from onnx_thinet.pytorch.codegen import Codegen, InitSource
-from onnx_thinet.pytorch.source import real_inputs, vi_dims
+from onnx_thinet.pytorch.source import vi_dims
 
 __all__ = ["render"]
 
@@ -65,7 +66,7 @@ def render(gen: Codegen, source: str) -> str:
     """Assemble model.py from the generator's lines."""
     source = source.replace("\\", "/").replace('"', "'")  # safe inside docstrings
     g = gen.graph
-    inputs = real_inputs(g)
+    inputs = graph_inputs(g)
     out_exprs = []
     for o in g.output:
         v = gen.values.get(o.name)

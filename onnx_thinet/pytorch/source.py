@@ -31,7 +31,6 @@ __all__ = [
     "node_base",
     "opt_input",
     "paren",
-    "real_inputs",
     "same_pads",
     "sanitize",
     "torch_pad",
@@ -88,12 +87,6 @@ class Val:
     array: np.ndarray | None = None
     items: list[int | str] | None = None  # shape values: int or Python expression per element
     scalar: bool = False  # shape values: a 0-d value (one Python int)
-
-
-def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
-    """Graph inputs that are fed at run time (old IRs list initializers as inputs too)."""
-    inits = {t.name for t in graph.initializer}
-    return [vi for vi in graph.input if vi.name not in inits]
 
 
 def vi_dims(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:

@@ -91,7 +91,7 @@ def apply_selection(
                       lambda a, w=weight, s=scale: _cut_consumer(a, w, kept, channels, s))
     for update in group.attr_updates:
         lost = len(removed_positions(update.layout, kept, channels, update.length))
-        _set_int_attribute(params.nodes[update.node], update.attribute, update.length - lost)
+        _set_int_attribute(params.nodes[update.node], update.attribute, (update.length - lost) // update.per)
     for fix in group.shape_fixes:
         _apply_shape_fix(params, fix, len(removed_positions(fix.layout, kept, channels, fix.length)))
     del model.graph.value_info[:]  # stale; shape inference runs again after the rewrite
@@ -113,11 +113,8 @@ def _cut_consumer(array: np.ndarray, weight: ParamSlice, kept, channels: int, sc
 
 
 def _refit_layout(array: np.ndarray, consumer: Consumer, matrix: np.ndarray, kept, channels: int):
-    """A [K_kept, F] refit matrix in the consumer's weight layout (conv [F, C', k...], Gemm, MatMul)."""
-    if consumer.kind == "conv":
-        lost = len(removed_positions(consumer.weight.layout, kept, channels, array.shape[1]))
-        return matrix.T.reshape(array.shape[0], array.shape[1] - lost, *array.shape[2:])
-    return matrix.T if consumer.transpose else matrix
+    """A [K_kept, F] refit matrix in the consumer's stored weight layout."""
+    return consumer.kind.from_matrix(matrix, array.shape, consumer.transpose)
 
 
 def _set_bias(params: _Initializers, consumer: Consumer, bias: np.ndarray) -> None:
