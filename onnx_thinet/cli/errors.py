@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ import typer
 
 from onnx_thinet.errors import InternalError, ThinetError
 
-__all__ = ["EXIT_INTERNAL", "EXIT_USER", "as_flags", "cli_errors"]
+__all__ = ["EXIT_INTERNAL", "EXIT_USER", "as_flags", "cli_errors", "interrupted"]
 
 EXIT_USER = 2  # the input (model, data, options) is wrong
 EXIT_INTERNAL = 1  # onnx-thinet is wrong: please report
@@ -47,7 +48,9 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ThinetError as exc:
             _print(f"error: {as_flags(str(exc), exc.params)}")
             raise typer.Exit(EXIT_USER) from None
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM through cli.main's handler
+            raise typer.Exit(interrupted(exc)) from None
+        except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # InternalError and anything unforeseen: a bug of ours
             if os.environ.get("ONNX_THINET_DEBUG") == "1":
@@ -59,6 +62,13 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
+
+
+def interrupted(exc: KeyboardInterrupt) -> int:
+    """One line for SIGINT/SIGTERM; returns the exit code shells use for that signal (130, 143)."""
+    name = str(exc) or "SIGINT"
+    _print(f"error: interrupted by {name}; nothing written")
+    return 128 + getattr(signal, name, signal.SIGINT)
 
 
 def _print(line: str) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,7 +21,7 @@ from rich.text import Text
 from onnx_thinet.calibration.plan import parse_size
 from onnx_thinet.channels.analysis import analyze, quantization_refusal
 from onnx_thinet.check.metrics import cost_input_shapes, count_params, layer_costs
-from onnx_thinet.cli.errors import cli_errors
+from onnx_thinet.cli.errors import cli_errors, interrupted
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.data import load_calibration, parse_preprocess
 from onnx_thinet.io.files import write_text_atomic
@@ -97,18 +99,19 @@ def slim_command(
         config = dataclasses.replace(config, input_shapes=tuple(shapes.items()))
     data = load_calibration(calib, original, parse_preprocess(preprocess))
     result = _run_with_progress(original, data, config, quiet)
-    size_after = save_model_atomic(result.model, output)
-    content = result.report() | {
-        "model": str(model), "output": str(output),
-        "file_bytes_before": _file_bytes(model), "file_bytes_after": size_after,
-    }
-    if bench:
-        from onnx_thinet.budgeted import bench_device
-        from onnx_thinet.check.bench import bench_models
+    with _all_or_nothing(output, report):
+        size_after = save_model_atomic(result.model, output)
+        content = result.report() | {
+            "model": str(model), "output": str(output),
+            "file_bytes_before": _file_bytes(model), "file_bytes_after": size_after,
+        }
+        if bench:
+            from onnx_thinet.budgeted import bench_device
+            from onnx_thinet.check.bench import bench_models
 
-        content["bench"] = bench_models(model, output, (1,), threads, bench_device(config.device))
-    if report is not None:
-        write_text_atomic(report, json.dumps(content, indent=2) + "\n")
+            content["bench"] = bench_models(model, output, (1,), threads, bench_device(config.device))
+        if report is not None:
+            write_text_atomic(report, json.dumps(content, indent=2) + "\n")
     if not quiet:
         _print_slim_summary(result, content)
     out.print(f"wrote {output}", highlight=False)
@@ -131,6 +134,62 @@ def _finish_checks(result: SlimResult, content: dict, strict: bool, quiet: bool)
         raise typer.Exit(3)
 
 
+_pending_signals: list[str] = []
+_raised: list[bool] = []
+_SWALLOWING = ("onnxsim",)  # C++ extensions that catch every exception raised inside them
+
+
+def _raise_interrupt(signum: int, frame) -> None:
+    """SIGINT and SIGTERM unwind like Ctrl-C, so temp files and partial outputs are removed.
+
+    Only one signal raises: more signals during that cleanup must not cut it short. Inside
+    onnxsim the raise would be swallowed (with onnxsim's own warnings), so it waits for the
+    next checkpoint.
+    """
+    _pending_signals.append(signal.Signals(signum).name)
+    if not _raised and not _inside(frame, _SWALLOWING):
+        _raised.append(True)
+        raise KeyboardInterrupt(_pending_signals[0])
+
+
+def _inside(frame, modules: tuple[str, ...]) -> bool:
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(modules):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _checkpoint(*_progress) -> None:
+    """Raise a pending signal's interrupt (one that arrived inside onnxsim)."""
+    if _pending_signals:
+        _raised.append(True)
+        raise KeyboardInterrupt(_pending_signals[0])
+
+
+@contextlib.contextmanager
+def _all_or_nothing(*paths: Path | None):
+    """On an interrupt, delete the outputs (and `.data` siblings) this run created or replaced."""
+    watched = [q for p in paths if p is not None for q in (p, p.with_name(p.name + ".data"))]
+    before = {q: _identity(q) for q in watched}
+    try:
+        _checkpoint()
+        yield
+    except KeyboardInterrupt:
+        for q in watched:
+            if _identity(q) not in (None, before[q]):
+                q.unlink(missing_ok=True)
+        raise
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def _check_output(model: Path, output: Path, force: bool) -> None:
     if model.exists() and output.exists() and output.resolve() == model.resolve():
         raise ThinetError(f"{output}: refusing to overwrite the input model; choose another --output")
@@ -143,15 +202,16 @@ def _check_output(model: Path, output: Path, force: bool) -> None:
 def _run_with_progress(original, data, config: SlimConfig, quiet: bool) -> SlimResult:
     """A progress bar on a terminal; otherwise (CI, scripts, job schedulers) one line per pass."""
     if quiet:
-        return slim(original, data, config)
+        return slim(original, data, config, progress=_checkpoint)
     if not sys.stderr.isatty() and os.environ.get("ONNX_THINET_PROGRESS") != "1":
-        return slim(original, data, config, pass_progress=_print_pass)
+        return slim(original, data, config, progress=_checkpoint, pass_progress=_print_pass)
     columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("calibrating", total=None)
 
         def update(done: int, total: int) -> None:
+            _checkpoint()
             bar.update(task, completed=done, total=total)
 
         return slim(original, data, config, progress=update)
@@ -320,8 +380,13 @@ _register_optional_commands()
 
 
 def main() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupt)
     logging.basicConfig(level=os.environ.get("ONNX_THINET_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    app()
+    try:
+        app()
+    except KeyboardInterrupt as exc:  # outside a command (argument parsing, exit)
+        sys.exit(interrupted(exc))
 
 
 if __name__ == "__main__":

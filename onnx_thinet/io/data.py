@@ -171,17 +171,64 @@ def read_npz(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[st
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
+        with open(path, "rb") as f:
+            shape, dtype, header = _npy_header(f)
+        _check_npy_member(path, path.name, shape, dtype, header, path.stat().st_size)
         return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ThinetError:
+        raise
     except Exception as exc:
         raise ThinetError(f"{path}: not a readable .npy array ({exc})") from None
 
 
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header bytes) of an .npy stream, reading only its header."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype, f.tell()
+
+
+def _check_npy_member(path: Path, name: str, shape, dtype: np.dtype, header: int, size: int) -> int:
+    """No pickled objects, and the data the header promises is really there; returns its bytes."""
+    if dtype.hasobject:
+        raise ThinetError(f"{path}: array {name!r} holds Python objects (pickled data); refusing it")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if size < header + nbytes:
+        raise ThinetError(f"{path}: array {name!r} is truncated or lies about its shape {tuple(shape)} "
+                          f"({size - header:,} of {nbytes:,} bytes present)")
+    return nbytes
+
+
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
+        _check_npz_members(path)
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise ThinetError(f"{path}: not a readable .npz archive ({exc})") from None
+
+
+def _memory_limit() -> int:
+    """Half the machine's memory: an .npz is read whole, unlike a memory-mapped .npy."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _check_npz_members(path: Path) -> None:
+    """Read each member's .npy header (not its data): no pickled objects, sizes that fit in
+    memory and that the archive really holds (huge, zip-bomb or truncated archives)."""
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                shape, dtype, header = _npy_header(member)
+            total += _check_npy_member(path, info.filename, shape, dtype, header, info.file_size)
+    if total > _memory_limit():
+        raise ThinetError(f"{path}: the arrays need {total / 2**30:.1f} GiB in memory; "
+                          "use a .npy per input (memory-mapped) or fewer samples")
 
 
 def check_arrays(path: Path, arrays: dict[str, np.ndarray], inputs) -> dict[str, np.ndarray]:
@@ -228,9 +275,16 @@ class _CastView:
 def _image_folder(path: Path, inputs, pre: Preprocess) -> ImageFolderData:
     if len(inputs) != 1:
         raise ThinetError(f"{path}: an image folder feeds one input, the model has {len(inputs)}")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
+    found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found:
         raise ThinetError(f"{path}: no image files (.jpg, .png, ...) in the folder")
+    files = [f for f in found if _decodes(f)]
+    if not files:
+        shown = ", ".join(f.name for f in found[:3]) + (" ..." if len(found) > 3 else "")
+        raise ThinetError(f"{path}: none of the {len(found)} image files can be decoded ({shown})")
+    if len(files) < len(found):
+        logger.warning("%s: skipped %d of %d image files that cannot be decoded",
+                       path, len(found) - len(files), len(found))
     inp = inputs[0]
     if inp.type.tensor_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
         raise ThinetError(f"{path}: model input {inp.name!r} is not float; feed a .npy instead")
@@ -243,6 +297,19 @@ def _image_folder(path: Path, inputs, pre: Preprocess) -> ImageFolderData:
     except Exception as exc:
         raise ThinetError(f"{path}: cannot use images ({exc})") from None
     return data
+
+
+def _decodes(file: Path) -> bool:
+    """Whether PIL decodes the whole file (JPEGs at a reduced draft size: cheap)."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as img:
+            img.draft("RGB", (64, 64))
+            img.load()
+        return True
+    except Exception:  # PIL raises many types for corrupt files (OSError, SyntaxError, ...)
+        return False
 
 
 def _image_dims(inp: onnx.ValueInfoProto, pre: Preprocess) -> tuple[int, int, int | None, int]:

@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.files import atomic_write
+from onnx_thinet.io.validate import validate_model
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -48,9 +49,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if path.is_dir():
         raise ThinetError(f"{path}: is a directory, expected an .onnx file")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types for bad bytes
         raise ThinetError(f"{path}: not a readable ONNX model ({_one_line(exc)})") from None
+    validate_model(model, path)  # vets external-data paths before reading them, then the graph
     if not model.graph.node:
         raise ThinetError(f"{path}: not a readable ONNX model (the graph has no nodes)")
     try:  # above 2 GB a message cannot be checked in memory: the checker reads the file
@@ -74,25 +76,30 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> int:
 
 
 def _save_external(model: onnx.ModelProto, path: Path) -> int:
-    """The graph and `<name>.data` through temp files; the data file is renamed first."""
+    """The graph and `<name>.data` through temp files: the data is renamed into place first and
+    the graph after it, so a failure never leaves a graph whose weights are missing."""
     data_name = path.name + ".data"
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
 
     def write_data(tmp_data: Path) -> None:
-        copy = onnx.ModelProto.FromString(model.SerializeToString())
         graph_tmp = tmp_data.with_name(tmp_data.name + ".onnx")
-        try:
+        try:  # moves the weights of `copy` into tmp_data, leaving references in `copy`
             onnx.save_model(copy, str(graph_tmp), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=0)
         finally:
             graph_tmp.unlink(missing_ok=True)
-        # The location recorded in the graph must name the final data file, not the temp one.
-        for init in copy.graph.initializer:
-            for entry in init.external_data:
-                if entry.key == "location":
-                    entry.value = data_name
-        atomic_write(path, lambda tmp: tmp.write_bytes(copy.SerializeToString()))
 
     atomic_write(path.with_name(data_name), write_data)
+    # The location recorded in the graph must name the final data file, not the temp one.
+    for init in copy.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    try:
+        atomic_write(path, lambda tmp: tmp.write_bytes(copy.SerializeToString()))
+    except BaseException:
+        path.with_name(data_name).unlink(missing_ok=True)
+        raise
     return path.stat().st_size + path.with_name(data_name).stat().st_size
 
 
