@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from onnx_thinet.calibration.collect import ConsumerStats, channel_statistics, refit_statistics
-from onnx_thinet.calibration.runtime import session_providers
+from onnx_thinet.calibration.collect import channel_statistics, refit_statistics
 from onnx_thinet.calibration.plan import MemoryPlan, machine_memory, plan_memory
+from onnx_thinet.calibration.runtime import session_providers
 from onnx_thinet.calibration.segments import Batching, SegmentRunner, fixed_batch
 from onnx_thinet.calibration.store import ActivationStore
 from onnx_thinet.channels.analysis import Analysis, analyze, quantization_refusal

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 
 def bench_select(channels: int, samples: int, repeats: int) -> dict:
@@ -212,7 +213,7 @@ def bench_memory(model: str, calib: str, sizes: list[int]) -> list[dict]:
 
 
 def unet_fixed_batch(size: int = 128, depth: int = 12, levels: int = 4, base: int = 8,
-                     seed: int = 0) -> "onnx.ModelProto":
+                     seed: int = 0) -> onnx.ModelProto:
     """A deep U-Net-style segmentation model as exporters write it with a fixed batch of 1.
 
     `levels` encoder stages of `depth` 3×3 Conv+ReLU then MaxPool, a bottleneck, and decoder

@@ -19,7 +19,6 @@ from onnx import helper, numpy_helper
 
 from onnx_thinet.calibration.segments import SegmentRunner
 from onnx_thinet.channels.layout import ChannelGroup, Consumer, channel_indicator, removed_positions
-from onnx_thinet.io.data import CalibrationData
 from onnx_thinet.solve.solvers import FitMoments, FitSamples
 
 __all__ = [

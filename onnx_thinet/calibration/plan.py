@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnx_thinet.io.feeds import ONNX_TO_NUMPY
 from onnx_thinet.channels.layout import ChannelGroup
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.feeds import ONNX_TO_NUMPY
 
 __all__ = ["MemoryPlan", "machine_memory", "parse_size", "plan_memory"]
 

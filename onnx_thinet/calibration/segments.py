@@ -20,9 +20,9 @@ import onnx
 from onnx import helper
 
 from onnx_thinet.calibration.runtime import make_session
-from onnx_thinet.io.graph import graph_inputs
 from onnx_thinet.calibration.store import ActivationStore
 from onnx_thinet.io.data import CalibrationData
+from onnx_thinet.io.graph import graph_inputs
 
 __all__ = ["Batching", "SegmentRunner", "downstream_nodes", "fixed_batch"]
 
