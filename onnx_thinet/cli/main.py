@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import onnx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -23,7 +24,7 @@ from onnx_thinet.channels.analysis import analyze, quantization_refusal
 from onnx_thinet.check.metrics import cost_input_shapes, count_params, layer_costs
 from onnx_thinet.cli.errors import cli_errors, interrupted
 from onnx_thinet.errors import ThinetError
-from onnx_thinet.io.data import load_calibration, parse_preprocess
+from onnx_thinet.io.data import CalibrationData, load_calibration, parse_preprocess
 from onnx_thinet.io.files import write_text_atomic
 from onnx_thinet.io.graph import canonicalize, graph_inputs, load_model, save_model_atomic
 from onnx_thinet.slim import PassInfo, SlimConfig, SlimResult, slim
@@ -89,33 +90,53 @@ def slim_command(
         max_memory=parse_size(max_memory) if max_memory is not None else None,
     )
     config.validate()
+    output = _checked_outputs(model, output, report, force)
+    original, data, config = _load_inputs(model, calib, preprocess, input_shape, config)
+    result = _run_with_progress(original, data, config, quiet)
+    with _all_or_nothing(output, report):
+        content = _write_slim(result, model, output, report, bench, threads, config.device)
+    if not quiet:
+        _print_slim_summary(result, content)
+    out.print(f"wrote {output}", highlight=False)
+    _finish_checks(result, content, strict, quiet)
+
+
+def _checked_outputs(model: Path, output: Path | None, report: Path | None, force: bool) -> Path:
+    """The model's output path (MODEL.slim.onnx by default), refused before any work when taken."""
     output = output or model.with_name(model.stem + ".slim.onnx")
     _check_output(model, output, force)
     if report is not None:
         _check_output(model, report, force)
+    return output
+
+
+def _load_inputs(model: Path, calib: Path, preprocess: str, input_shape: list[str] | None,
+                 config: SlimConfig) -> tuple[onnx.ModelProto, CalibrationData, SlimConfig]:
+    """The model, its calibration data and the config with any --input-shape counted in."""
     original = load_model(model)
     if input_shape:
         shapes = _parse_input_shapes(input_shape, original)
         config = dataclasses.replace(config, input_shapes=tuple(shapes.items()))
     data = load_calibration(calib, original, parse_preprocess(preprocess))
-    result = _run_with_progress(original, data, config, quiet)
-    with _all_or_nothing(output, report):
-        size_after = save_model_atomic(result.model, output)
-        content = result.report() | {
-            "model": str(model), "output": str(output),
-            "file_bytes_before": _file_bytes(model), "file_bytes_after": size_after,
-        }
-        if bench:
-            from onnx_thinet.budgeted import bench_device
-            from onnx_thinet.check.bench import bench_models
+    return original, data, config
 
-            content["bench"] = bench_models(model, output, (1,), threads, bench_device(config.device))
-        if report is not None:
-            write_text_atomic(report, json.dumps(content, indent=2) + "\n")
-    if not quiet:
-        _print_slim_summary(result, content)
-    out.print(f"wrote {output}", highlight=False)
-    _finish_checks(result, content, strict, quiet)
+
+def _write_slim(result: SlimResult, model: Path, output: Path, report: Path | None, bench: bool,
+                threads: int | None, device: str) -> dict:
+    """Save the slim model and, when asked, its JSON report (with latencies under --bench)."""
+    size_after = save_model_atomic(result.model, output)
+    content = result.report() | {
+        "model": str(model), "output": str(output),
+        "file_bytes_before": _file_bytes(model), "file_bytes_after": size_after,
+    }
+    if bench:
+        from onnx_thinet.budgeted import bench_device
+        from onnx_thinet.check.bench import bench_models
+
+        content["bench"] = bench_models(model, output, (1,), threads, bench_device(device))
+    if report is not None:
+        write_text_atomic(report, json.dumps(content, indent=2) + "\n")
+    return content
 
 
 def _finish_checks(result: SlimResult, content: dict, strict: bool, quiet: bool) -> None:

@@ -1,0 +1,284 @@
+"""The pass loop of a slimming run: calibrate, select, refit and cut, one wave of groups at a time."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+
+from onnx_thinet.calibration.collect import channel_statistics, refit_statistics
+from onnx_thinet.calibration.plan import MemoryPlan
+from onnx_thinet.calibration.segments import Batching, SegmentRunner, fixed_batch
+from onnx_thinet.calibration.store import ActivationStore
+from onnx_thinet.channels.analysis import analyze
+from onnx_thinet.channels.layout import ChannelGroup, Segment, channel_indicator, removed_positions
+from onnx_thinet.errors import InternalError
+from onnx_thinet.io.data import CalibrationData
+from onnx_thinet.io.graph import GraphIndex, infer_shapes
+from onnx_thinet.rewrite.surgery import apply_selection, initializer_array
+from onnx_thinet.slim_types import GroupResult, PassInfo, PassProgress, Progress, SlimConfig
+from onnx_thinet.solve.selection import Selection, reconstruct_channels, select_channels
+from onnx_thinet.solve.solvers import keep_count
+
+__all__ = ["prune_in_passes", "schedule_waves"]
+
+
+def schedule_waves(model: onnx.ModelProto, groups: tuple[ChannelGroup, ...]) -> list[list[ChannelGroup]]:
+    """Batch groups into calibration passes in topological order.
+
+    A group joins the current pass unless its consumers read a tensor that an earlier group of
+    the pass will change (anything downstream of that group's consumers, which are rescaled),
+    or share a consumer with it (two groups feeding one Concat).
+    """
+    index = GraphIndex.build(model)
+    waves: list[list[ChannelGroup]] = []
+    current: list[ChannelGroup] = []
+    changed: set[str] = set()
+    for group in groups:
+        readers = {c.node for c in group.consumers}
+        if current and (any(c.input in changed for c in group.consumers) or readers & changed
+                        or group.producer in changed):
+            waves.append(current)
+            current, changed = [], set()
+        current.append(group)
+        changed |= _downstream(index, sorted(readers))
+    if current:
+        waves.append(current)
+    return waves
+
+
+def _downstream(index: GraphIndex, nodes: list[str]) -> set[str]:
+    """Names of `nodes`, every node after them and every tensor they or those produce."""
+    by_name = {n.name: n for n in index.model.graph.node}
+    seen, stack = set(), list(nodes)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for out in by_name[name].output:
+            seen.add(out)
+            stack.extend(n.name for n, _ in index.uses.get(out, []) if n.name not in seen)
+    return seen
+
+
+def prune_in_passes(
+    canonical: onnx.ModelProto,
+    data: CalibrationData,
+    train: np.ndarray,
+    config: SlimConfig,
+    plan: MemoryPlan,
+    waves: list[list[ChannelGroup]],
+    progress: Progress | None,
+    pass_progress: PassProgress | None,
+) -> tuple[onnx.ModelProto, list[GroupResult], dict[str, float]]:
+    """Prune `waves` of `canonical` in order; returns the pruned copy, its groups and where time went."""
+    profile: dict[str, float] = {}
+    engine = _Engine(canonical, data, train, config, plan, profile)
+    try:
+        current, results = _prune_waves(engine, waves, config, progress, pass_progress)
+    finally:
+        engine.close()
+    return current, results, profile
+
+
+class _Engine:
+    """The pruned copy and the original, each run segment by segment over stored activations."""
+
+    def __init__(self, canonical, data, train, config: SlimConfig, plan: MemoryPlan, profile):
+        self.batching = Batching(train, plan.batch_size, run_size=fixed_batch(canonical))
+        self.store = ActivationStore(self.batching.count, plan.store_ram // 2)
+        self.reference_model = canonical
+        self.current = SegmentRunner(data, self.batching, self.store, config.device, profile)
+        # the reference's tensors share names with the pruned copy's: a store of their own
+        self.ref_store = ActivationStore(self.batching.count, plan.store_ram // 2)
+        self.reference = (SegmentRunner(data, self.batching, self.ref_store, config.device, profile)
+                          if config.correct else None)
+        self.profile = profile
+
+    def close(self) -> None:
+        self.store.close()
+        self.ref_store.close()
+
+def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_progress):
+    current = onnx.ModelProto.FromString(engine.reference_model.SerializeToString())
+    rng = np.random.default_rng(config.seed)
+    total = len(waves) * len(engine.batching.indices)
+    done = 0
+    results: list[GroupResult] = []
+    kept_outputs: dict[str, np.ndarray] = {}  # producer → original filters it still has
+    start = time.perf_counter()
+    teacher_cache = _teacher_cache() if config.finetune_steps else None  # dropped when slim returns
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    for pass_index, planned in enumerate(waves):
+        # Re-read the groups on the model as pruned so far: offsets into Concats and shape
+        # constants shift when a neighbouring group has been cut.
+        clock = time.perf_counter()
+        fresh = {g.producer: g for g in analyze(current, prune_coupled=config.prune_coupled).groups}
+        _add_time(engine.profile, "analysis", clock)
+        missing = [g.producer for g in planned if g.producer not in fresh]
+        if missing:
+            raise InternalError(f"{', '.join(missing)} no longer prunable after earlier cuts")
+        wave = [fresh[g.producer] for g in planned]
+        applied = _prune_wave(engine, current, wave, config, rng, kept_outputs, advance, results)
+        clock = time.perf_counter()
+        current = infer_shapes(current)
+        _forget_changed(engine, current, applied, _touched(g for later in waves[pass_index + 1:] for g in later))
+        _add_time(engine.profile, "rewrite", clock)
+        if config.finetune_steps:
+            current = _finetune_between_passes(current, engine.reference_model, config, pass_index,
+                                               teacher_cache)
+            engine.store.clear()
+        if pass_progress is not None:
+            elapsed = time.perf_counter() - start
+            pass_progress(PassInfo(pass_index + 1, len(waves), tuple(g.producer for g in wave), elapsed,
+                                   elapsed / (pass_index + 1) * (len(waves) - pass_index - 1)))
+    return current, results
+
+
+def _prune_wave(engine: _Engine, current, wave, config: SlimConfig, rng, kept_outputs, advance, results):
+    """Statistics, selection, reconstruction and surgery of one pass; returns what was cut."""
+    reference = engine.reference_model if engine.reference is not None else None
+    clock = time.perf_counter()
+    inner = sum(engine.profile.get(k, 0.0) for k in ("onnxruntime", "io"))
+    stats = channel_statistics(current, wave, engine.current, engine.reference, reference,
+                               per_image=config.samples_per_image, seed=int(rng.integers(2**31)),
+                               kept_outputs=kept_outputs, progress=advance)
+    inner = sum(engine.profile.get(k, 0.0) for k in ("onnxruntime", "io")) - inner
+    _add_time(engine.profile, "statistics", clock + inner)
+    applied = []
+    for group in wave:
+        clock = time.perf_counter()
+        keep = dict(config.keep_counts or ()).get(group.producer) or keep_count(
+            group.channels, config.keep_ratio, max(config.channel_multiple, config.round_to))
+        kept = (select_channels(config.method, group, stats[group.producer], keep,
+                                _filter_l1(current, group), rng)
+                if keep < group.channels else np.arange(group.channels))
+        _add_time(engine.profile, "selection", clock)
+        clock = time.perf_counter()
+        if config.reconstruct == "full":
+            refit_statistics(current, group, kept, stats[group.producer], engine.current, engine.reference,
+                             reference, seed=int(rng.integers(2**31)), kept_outputs=kept_outputs)
+        _add_time(engine.profile, "refit statistics", clock)
+        clock = time.perf_counter()
+        selection = reconstruct_channels(config.reconstruct, group, stats[group.producer], kept,
+                                         config.ridge)
+        _add_time(engine.profile, "refit solve", clock)
+        filters = _kept_filters(current, group, selection.kept)  # read before the cut
+        if len(selection.kept) < group.channels:
+            deletions = _consumer_input_deletions(engine, group, selection.kept)
+            apply_selection(current, group, selection.kept, selection.scales, selection.refits)
+            kept_outputs.update({p: filters[1] for p in group.producers})
+            applied.append((group, deletions))
+        results.append(_group_result(group, selection, stats[group.producer], filters))
+    return applied
+
+
+def _consumer_input_deletions(engine: _Engine, group: ChannelGroup, kept) -> dict[str, tuple[int, np.ndarray]]:
+    """Positions of the removed channels in each stored consumer input (they alone change)."""
+    deletions = {}
+    for consumer in group.consumers:
+        if consumer.input not in engine.store:
+            continue
+        axis = 1 if consumer.kind.windowed else -1
+        length = engine.store.axis_length(consumer.input, axis)
+        deletions[consumer.input] = (axis, removed_positions(consumer.weight.layout, kept, group.channels, length))
+    return deletions
+
+
+def _touched(groups) -> set[str]:
+    """Nodes that pruning `groups` rewrites: producers, sliced nodes and consumers."""
+    nodes: set[str] = set()
+    for group in groups:
+        nodes |= set(group.producers) | {group.producer} | {s.node for s in group.slices}
+        nodes |= {a.node for a in group.attr_updates} | {f.node for f in group.shape_fixes}
+        nodes |= {c.node for c in group.consumers}
+    return nodes
+
+
+def _forget_changed(engine: _Engine, current, applied, future: set[str]) -> None:
+    """Drop stored tensors that the cuts changed; consumer inputs lose the removed positions."""
+    changed = _touched(group for group, _ in applied)
+    consumers = {c.node for group, _ in applied for c in group.consumers}
+    deletions: dict[str, tuple[int, np.ndarray]] = {}
+    seen: set[str] = set()
+    for _, group_deletions in applied:
+        for name, value in group_deletions.items():
+            if name in seen:  # two groups reach one tensor: recompute it
+                deletions.pop(name, None)
+            else:
+                deletions[name] = value
+            seen.add(name)
+    engine.current.invalidate(current, changed, deletions, exact=consumers, future=future)
+    if engine.reference is not None:
+        engine.reference.prune(engine.reference_model)
+
+
+def _add_time(profile: dict[str, float], key: str, clock: float) -> None:
+    profile[key] = profile.get(key, 0.0) + time.perf_counter() - clock
+
+
+def _kept_filters(model: onnx.ModelProto, group: ChannelGroup, kept: np.ndarray) -> tuple[int, np.ndarray]:
+    """The producer's filter count and the filters a selection keeps. A channel of the group is
+    several filters when a grouped conv reader cuts by whole groups, or one filter of every
+    group of a grouped conv producer; a window of a joint group stays in group channels."""
+    item = next(s for s in group.slices if s.node == group.producers[0] and s.input_index == 1)
+    layout = item.layout
+    if layout.segments != (Segment(0, 0, layout.total),):
+        return group.channels, np.asarray(kept)
+    node = next(n for n in model.graph.node if n.name == item.node)
+    length = int(initializer_array(model, node.input[1]).shape[item.axis])
+    return length, np.sort(layout.positions(np.asarray(kept), length)[0])
+
+
+def _teacher_cache():
+    """The data and teacher outputs the in-between fine-tunes share, owned by one slim run."""
+    from onnx_thinet.pytorch.finetune_graph import TeacherCache
+
+    return TeacherCache()
+
+
+def _finetune_between_passes(current, teacher, config: SlimConfig, pass_index: int, cache):
+    """The paper's schedule: recover briefly (distillation from the original) before the next layer.
+
+    Each pass draws other batches (seed + pass), so the passes together see more of the data.
+    """
+    from onnx_thinet.pytorch.finetune_graph import finetune_graph
+
+    tuned = finetune_graph(current, teacher, config.finetune_data, config.finetune_steps,
+                           seed=config.seed + pass_index, device=config.device, cache=cache)
+    return infer_shapes(tuned)
+
+
+def _filter_l1(model: onnx.ModelProto, group: ChannelGroup) -> np.ndarray:
+    """Sum of absolute weights of each output channel over all producers' weights (Li et al.)."""
+    nodes = {n.name: n for n in model.graph.node}
+    total = np.zeros(group.channels)
+    for item in group.slices:
+        if item.node in group.producers and item.input_index == 1:
+            weight = np.moveaxis(initializer_array(model, nodes[item.node].input[1]), item.axis, 0)
+            per_filter = np.abs(weight).reshape(len(weight), -1).sum(axis=1)
+            total += per_filter @ channel_indicator(item.layout, group.channels, len(weight))
+    return total
+
+
+def _group_result(group: ChannelGroup, selection: Selection, stats, filters) -> GroupResult:
+    """`filters`: the producer's filter count and kept filters (see `_kept_filters`)."""
+    before, kept = filters
+    return GroupResult(
+        producer=group.producer,
+        consumers=tuple(c.node for c in group.consumers),
+        channels_before=int(before),
+        channels_after=int(len(kept)),
+        error_before=float(selection.error_before),
+        error_after=float(selection.error_after),
+        samples=int(sum(s.samples for s in stats.values())),
+        kept=tuple(int(i) for i in kept),
+    )
