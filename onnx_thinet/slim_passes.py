@@ -9,13 +9,19 @@ import onnx
 
 from onnx_thinet.calibration.collect import channel_statistics, refit_statistics
 from onnx_thinet.calibration.plan import MemoryPlan
-from onnx_thinet.calibration.segments import Batching, SegmentRunner, fixed_batch
+from onnx_thinet.calibration.segments import (
+    Batching,
+    NodeIndex,
+    SegmentRunner,
+    downstream_nodes,
+    fixed_batch,
+)
 from onnx_thinet.calibration.store import ActivationStore
 from onnx_thinet.channels.analysis import analyze
 from onnx_thinet.channels.layout import ChannelGroup, Segment, channel_indicator, removed_positions
 from onnx_thinet.errors import InternalError
 from onnx_thinet.io.data import CalibrationData
-from onnx_thinet.io.graph import GraphIndex, infer_shapes
+from onnx_thinet.io.graph import infer_shapes
 from onnx_thinet.rewrite.surgery import apply_selection, initializer_array
 from onnx_thinet.slim_types import GroupResult, PassInfo, PassProgress, Progress, SlimConfig
 from onnx_thinet.solve.selection import Selection, reconstruct_channels, select_channels
@@ -31,7 +37,7 @@ def schedule_waves(model: onnx.ModelProto, groups: tuple[ChannelGroup, ...]) -> 
     the pass will change (anything downstream of that group's consumers, which are rescaled),
     or share a consumer with it (two groups feeding one Concat).
     """
-    index = GraphIndex.build(model)
+    index = NodeIndex(model)
     waves: list[list[ChannelGroup]] = []
     current: list[ChannelGroup] = []
     changed: set[str] = set()
@@ -42,25 +48,11 @@ def schedule_waves(model: onnx.ModelProto, groups: tuple[ChannelGroup, ...]) -> 
             waves.append(current)
             current, changed = [], set()
         current.append(group)
-        changed |= _downstream(index, sorted(readers))
+        nodes, tensors = downstream_nodes(index, sorted(readers))
+        changed |= nodes | tensors
     if current:
         waves.append(current)
     return waves
-
-
-def _downstream(index: GraphIndex, nodes: list[str]) -> set[str]:
-    """Names of `nodes`, every node after them and every tensor they or those produce."""
-    by_name = {n.name: n for n in index.model.graph.node}
-    seen, stack = set(), list(nodes)
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for out in by_name[name].output:
-            seen.add(out)
-            stack.extend(n.name for n, _ in index.uses.get(out, []) if n.name not in seen)
-    return seen
 
 
 def prune_in_passes(

@@ -24,7 +24,7 @@ from onnx_thinet.calibration.store import ActivationStore
 from onnx_thinet.io.data import CalibrationData
 from onnx_thinet.io.graph import graph_inputs
 
-__all__ = ["Batching", "SegmentRunner", "downstream_nodes", "fixed_batch"]
+__all__ = ["Batching", "NodeIndex", "SegmentRunner", "downstream_nodes", "fixed_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class SegmentRunner:
 
     def ensure(self, model: onnx.ModelProto, targets: Sequence[str]) -> None:
         """Compute `targets` for every batch (and store them with the cut later passes need)."""
-        graph = _Graph(model)
+        graph = NodeIndex(model)
         nodes = graph.needed_nodes(targets, self._available(graph))
         if not nodes:
             return
@@ -104,7 +104,7 @@ class SegmentRunner:
         Stored tensors downstream of `future` nodes (to be cut by later passes) will be
         recomputed, so what they are computed from is kept too (a U-Net's skip tensors).
         """
-        graph = _Graph(model)
+        graph = NodeIndex(model)
         available = self._available(graph)
         unstable = graph.downstream_tensors(future)
         keep = graph.cut(available) | graph.cut(available - unstable)
@@ -121,7 +121,7 @@ class SegmentRunner:
         valid once those positions are deleted; it must not lie downstream of `exact` nodes
         (consumers whose weights changed), which invalidate everything after them.
         """
-        graph = _Graph(model)
+        graph = NodeIndex(model)
         stale = graph.downstream_tensors(changed)
         rewritten = graph.downstream_tensors(exact)
         for name in self.store.names():
@@ -134,7 +134,7 @@ class SegmentRunner:
                 self.store.drop(name)
         self.prune(model, future)
 
-    def _available(self, graph: _Graph) -> set[str]:
+    def _available(self, graph: NodeIndex) -> set[str]:
         return {name for name in self.store.names() if name in self.store} | set(graph.inputs)
 
     def _feeds(self, batch: int, inputs: list[str], graph_feeds: set[str]) -> dict[str, np.ndarray]:
@@ -162,7 +162,7 @@ class SegmentRunner:
         return [np.concatenate(parts) for parts in zip(*pieces)]
 
 
-class _Graph:
+class NodeIndex:
     """Producer/reader index of a model's nodes."""
 
     def __init__(self, model: onnx.ModelProto):
@@ -214,7 +214,7 @@ class _Graph:
         return downstream_nodes(self, nodes)[1]
 
 
-def downstream_nodes(graph: _Graph, names: Iterable[str]) -> tuple[set[str], set[str]]:
+def downstream_nodes(graph: NodeIndex, names: Iterable[str]) -> tuple[set[str], set[str]]:
     """Node names reachable from the nodes `names` (included), and every tensor they produce."""
     by_name = {n.name: n for n in graph.nodes}
     nodes: set[str] = set()

@@ -38,6 +38,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Segment:
+    """Group channels [lo, hi) sit at entries offset .. offset + (hi - lo) of each block."""
+
     offset: int
     lo: int
     hi: int
@@ -45,6 +47,9 @@ class Segment:
 
 @dataclass(frozen=True)
 class Layout:
+    """Where a group's channels sit on an axis: `segments` of a block of `total` entries, each
+    entry spread over `inner` positions, the block repeated `outer` times (module docstring)."""
+
     segments: tuple[Segment, ...]
     total: int
     inner: int = 1
