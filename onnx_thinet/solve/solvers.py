@@ -270,6 +270,17 @@ def _bias(m: FitMoments, columns: np.ndarray, weights: np.ndarray, intercept: bo
     return (m.target_sum - m.input_sum[columns] @ weights) / m.count
 
 
+def _floored_solve(g: np.ndarray, rhs: np.ndarray, penalty: float) -> np.ndarray:
+    """(G + penalty·I)⁻¹ rhs, with no step along directions G does not see (eigenvalue under
+    1e-12 of the largest): inputs that duplicate channels make G singular, and a plain solve
+    turns float rounding there into huge cancelling weights. `choose_ridge` scores this solve."""
+    values, vectors = linalg.eigh(g)
+    floor = max(float(values.max(initial=0.0)), 1e-30) * 1e-12
+    shrink = values + penalty
+    gain = np.where(shrink > floor, 1.0 / np.maximum(shrink, floor), 0.0)
+    return vectors @ (gain[:, None] * (vectors.T @ rhs))
+
+
 def refit_least_squares(
     moments: FitMoments,
     columns: np.ndarray,
@@ -293,11 +304,7 @@ def refit_least_squares(
     penalty = ridge * max(float(np.trace(g)) / max(len(columns), 1), 1e-30)
     base = np.zeros_like(c) if prior is None else prior[columns]
     rhs = c - g @ base  # solve for the change from W₀: with too few samples, the least change
-    try:
-        delta = linalg.solve(g + penalty * np.eye(len(g)), rhs, assume_a="pos")
-    except (linalg.LinAlgError, ValueError):
-        delta = linalg.lstsq(g + penalty * np.eye(len(g)), rhs)[0]
-    weights = base + delta
+    weights = base + _floored_solve(g, rhs, penalty)
     return weights, _bias(moments, columns, weights, intercept)
 
 
