@@ -8,7 +8,7 @@ Library messages name Python parameters (`keep_ratio`); the CLI turns the names 
 
 from __future__ import annotations
 
-__all__ = ["InternalError", "ThinetError"]
+__all__ = ["InternalError", "ThinetError", "one_line"]
 
 
 class ThinetError(Exception):
@@ -25,3 +25,10 @@ class ThinetError(Exception):
 
 class InternalError(Exception):
     """A broken invariant inside onnx-thinet (a rewrite the checker refuses, ...): a bug to report."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (third-party messages run over many lines),
+    or its type name when it has none: what a one-line error shows of a cause."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else type(exc).__name__

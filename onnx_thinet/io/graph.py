@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_thinet.errors import ThinetError
+from onnx_thinet.errors import ThinetError, one_line
 from onnx_thinet.io.files import atomic_write
 from onnx_thinet.io.validate import validate_model
 
@@ -51,14 +51,14 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types for bad bytes
-        raise ThinetError(f"{path}: not a readable ONNX model ({_one_line(exc)})") from None
+        raise ThinetError(f"{path}: not a readable ONNX model ({one_line(exc)})") from None
     validate_model(model, path)  # vets external-data paths before reading them, then the graph
     if not model.graph.node:
         raise ThinetError(f"{path}: not a readable ONNX model (the graph has no nodes)")
     try:  # above 2 GB a message cannot be checked in memory: the checker reads the file
         onnx.checker.check_model(str(path) if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD else model)
     except Exception as exc:
-        raise ThinetError(f"{path}: the ONNX checker rejects the model ({_one_line(exc)})") from None
+        raise ThinetError(f"{path}: the ONNX checker rejects the model ({one_line(exc)})") from None
     return model
 
 
@@ -121,17 +121,12 @@ def graph_inputs(model: onnx.ModelProto | onnx.GraphProto) -> list[onnx.ValueInf
     return [i for i in graph.input if i.name not in init_names]
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference that never fails the run: a model without shapes is still a model."""
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:
-        logger.warning("shape inference failed: %s", _one_line(exc))
+        logger.warning("shape inference failed: %s", one_line(exc))
         return model
 
 
@@ -236,7 +231,7 @@ def canonicalize_steps(
             with _quiet_onnxruntime():
                 candidate = step(model)
         except Exception as exc:  # third-party optimizers fail in many ways; reported below
-            reason = f"failed: {type(exc).__name__}: {_one_line(exc)}"
+            reason = f"failed: {type(exc).__name__}: {one_line(exc)}"
         else:
             reason = _outputs_differ(model, candidate)
             if reason is None:
@@ -403,7 +398,7 @@ def _outputs_differ(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None:
             out_a = _probe_run(a, feeds)
             out_b = _probe_run(b, feeds)
     except Exception as exc:  # any failure to run either model means "cannot tell": not applied
-        return f"could not compare outputs: {type(exc).__name__}: {_one_line(exc)}"
+        return f"could not compare outputs: {type(exc).__name__}: {one_line(exc)}"
     if len(out_a) != len(out_b):
         return "changed the number of outputs"
     for x, y in zip(out_a, out_b):

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnx_thinet.errors import ThinetError
+from onnx_thinet.errors import ThinetError, one_line
 
 __all__ = ["MAX_ELEMENTS_PER_SAMPLE", "validate_model"]
 
@@ -95,7 +95,7 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
-        raise ThinetError(f"{path}: cannot read the model's external data ({_one_line(exc)})") from None
+        raise ThinetError(f"{path}: cannot read the model's external data ({one_line(exc)})") from None
 
 
 def _check_names(model: onnx.ModelProto, path: Path) -> None:
@@ -208,14 +208,9 @@ def _check_declared_shapes(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
-        text = _one_line(exc)
+        text = one_line(exc)
         if "differ" in text:
             raise ThinetError(f"{path}: declared shapes contradict what the graph computes ({text})") from None
         if "unsupported type" in text or "type mismatch" in text.lower():
             raise ThinetError(f"{path}: the model fails the strict type check ({text})") from None
         logger.info("strict shape inference gave up (%s); the checker and runtime still apply", text)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from onnx_thinet.errors import ThinetError
+from onnx_thinet.errors import ThinetError, one_line
 from onnx_thinet.pytorch.distill import as_outputs, is_prob, kd_loss, logits_of
 
 __all__ = [
@@ -148,8 +148,7 @@ def train(
         try:
             loss = _train_step(torch, module, optimizer, xb, targets, y, schedule)
         except RuntimeError as exc:  # shape mismatch, out of memory, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ThinetError(f"training step failed: {first}") from exc
+            raise ThinetError(f"training step failed: {one_line(exc)}") from exc
         step += 1
         if on_step is not None:
             on_step(StepDone(batch, step, loss, lr, time.perf_counter() - tick))
