@@ -149,12 +149,13 @@ def structure_for(model: onnx.ModelProto, keeps: dict[str, int], prune_coupled: 
     model's exact shapes, for measuring a plan's latency before paying for calibration."""
     from onnx_thinet.slim import schedule_waves
 
-    current = onnx.ModelProto.FromString(model.SerializeToString())
+    current = onnx.ModelProto()
+    current.CopyFrom(model)
     planned = [g for g in analyze(current, prune_coupled=prune_coupled).groups
                if keeps.get(g.producer, g.channels) < g.channels]
     for wave in schedule_waves(current, tuple(planned)):
         fresh = {g.producer: g for g in analyze(current, prune_coupled=prune_coupled).groups}
         for group in (fresh[g.producer] for g in wave):
             apply_selection(current, group, np.arange(keeps[group.producer]))
-        current = infer_shapes(current)
+        current = infer_shapes(current, in_place=True)
     return current

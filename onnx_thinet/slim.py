@@ -168,7 +168,7 @@ def _finalize(slimmed: onnx.ModelProto, original: onnx.ModelProto) -> onnx.Model
             vi.CopyFrom(outputs[vi.name])
     del slimmed.metadata_props[:]
     slimmed.metadata_props.extend(original.metadata_props)
-    return preserve_interface(original, infer_shapes(slimmed))
+    return preserve_interface(original, infer_shapes(slimmed, in_place=True))
 
 
 def _worst_layer(results: list[GroupResult]) -> str | None:

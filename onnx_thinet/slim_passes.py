@@ -94,7 +94,8 @@ class _Engine:
         self.ref_store.close()
 
 def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_progress):
-    current = onnx.ModelProto.FromString(engine.reference_model.SerializeToString())
+    current = onnx.ModelProto()
+    current.CopyFrom(engine.reference_model)  # the pruned copy: the one extra copy of the weights
     rng = np.random.default_rng(config.seed)
     total = len(waves) * len(engine.batching.indices)
     done = 0
@@ -121,7 +122,7 @@ def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_prog
         wave = [fresh[g.producer] for g in planned]
         applied = _prune_wave(engine, current, wave, config, rng, kept_outputs, advance, results)
         clock = time.perf_counter()
-        current = infer_shapes(current)
+        current = infer_shapes(current, in_place=True)
         _forget_changed(engine, current, applied, _touched(g for later in waves[pass_index + 1:] for g in later))
         _add_time(engine.profile, "rewrite", clock)
         if config.finetune_steps:
@@ -246,7 +247,7 @@ def _finetune_between_passes(current, teacher, config: SlimConfig, pass_index: i
 
     tuned = finetune_graph(current, teacher, config.finetune_data, config.finetune_steps,
                            seed=config.seed + pass_index, device=config.device, cache=cache)
-    return infer_shapes(tuned)
+    return infer_shapes(tuned, in_place=True)
 
 
 def _filter_l1(model: onnx.ModelProto, group: ChannelGroup) -> np.ndarray:

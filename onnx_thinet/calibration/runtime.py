@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.graph import graph_inputs
+from onnx_thinet.io.weightless import session_model
 
 __all__ = [
     "make_session",
@@ -46,12 +47,14 @@ def providers_for(device: str) -> list[str]:
 
 def make_session(model: onnx.ModelProto, device: str = "cpu") -> ort.InferenceSession:
     """A session on `device`; warns once when CUDA was asked for but the session does not use it
-    (onnxruntime falls back to the CPU silently when the CUDA libraries cannot be loaded)."""
+    (onnxruntime falls back to the CPU silently when the CUDA libraries cannot be loaded).
+
+    The large weights reach onnxruntime as in-memory external initializers, never serialized.
+    """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    data = model.SerializeToString()
     providers = providers_for(device)
-    session = ort.InferenceSession(data, opts, providers=providers)
+    session = session_model(model).session(opts, providers)
     if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in session.get_providers():
         _warn_once("not-used", f"--device {device}: onnxruntime could not start its CUDA execution "
                    "provider (CUDA or cuDNN libraries missing?); running on the CPU")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
@@ -15,7 +14,9 @@ from onnx import numpy_helper
 
 from onnx_thinet.errors import ThinetError, one_line
 from onnx_thinet.io.files import atomic_write
+from onnx_thinet.io.probe import outputs_differ, probe, quiet_onnxruntime, reference_after
 from onnx_thinet.io.validate import validate_model
+from onnx_thinet.io.weightless import infer_shapes
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -121,20 +122,12 @@ def graph_inputs(model: onnx.ModelProto | onnx.GraphProto) -> list[onnx.ValueInf
     return [i for i in graph.input if i.name not in init_names]
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference that never fails the run: a model without shapes is still a model."""
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:
-        logger.warning("shape inference failed: %s", one_line(exc))
-        return model
-
-
 def static_input_shapes(
     model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]] | None = None
 ) -> onnx.ModelProto:
     """Copy of `model` whose graph inputs have concrete dims (batch 1 unless `fixed` says)."""
-    out = onnx.ModelProto.FromString(model.SerializeToString())
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
     for inp in graph_inputs(out):
         dims = inp.type.tensor_type.shape.dim
         want = (fixed or {}).get(inp.name)
@@ -149,7 +142,7 @@ def static_input_shapes(
     for output in out.graph.output:  # declared output dims (an export's fixed batch) must not leak in
         output.type.tensor_type.ClearField("shape")
     del out.graph.value_info[:]
-    return infer_shapes(out)
+    return infer_shapes(out, in_place=True)
 
 
 def tensor_shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
@@ -221,39 +214,32 @@ def canonicalize_steps(
     against the input's outputs on random data and skipped if it fails or changes them;
     a skipped step is logged and returned with its reason, never silently dropped.
     """
-    model = _name_nodes(_weights_without_identity(_weights_not_inputs(_constants_to_initializers(model))))
+    own = onnx.ModelProto()
+    own.CopyFrom(model)  # the one copy of the weights; every step below edits or replaces it
+    model = _name_nodes(_weights_without_identity(_weights_not_inputs(_constants_to_initializers(own))))
     steps = (("onnxsim", _simplify_onnxsim), ("onnxruntime", _optimize_ort_basic))
     if not simplify:
-        return infer_shapes(model), tuple(CanonicalStep(n, False, "simplify=False") for n, _ in steps)
+        return (infer_shapes(model, in_place=True),
+                tuple(CanonicalStep(n, False, "simplify=False") for n, _ in steps))
     done = []
+    reference = None  # the probe of `model`, reused across steps while `model` stays
     for name, step in steps:
         try:
-            with _quiet_onnxruntime():
+            with quiet_onnxruntime():
                 candidate = step(model)
         except Exception as exc:  # third-party optimizers fail in many ways; reported below
             reason = f"failed: {type(exc).__name__}: {one_line(exc)}"
         else:
-            reason = _outputs_differ(model, candidate)
+            reference = reference or probe(model)
+            reason, run = outputs_differ(reference, candidate)
             if reason is None:
-                model = candidate
+                model, reference = candidate, reference_after(candidate, run)
         if reason is not None:
             logger.info("canonicalization: %s skipped: %s", name, reason)
         else:
             logger.info("canonicalization: %s applied (outputs unchanged on random inputs)", name)
         done.append(CanonicalStep(name, reason is None, reason))
-    return infer_shapes(_name_nodes(_constants_to_initializers(model))), tuple(done)
-
-
-@contextlib.contextmanager
-def _quiet_onnxruntime():
-    """Keep onnxruntime's own error lines (a probe that fails is expected) off the user's screen."""
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(4)
-    try:
-        yield
-    finally:
-        ort.set_default_logger_severity(2)  # onnxruntime's default: warnings and above
+    return infer_shapes(_name_nodes(_constants_to_initializers(model)), in_place=True), tuple(done)
 
 
 def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -318,7 +304,7 @@ def _restore_model_fields(source: onnx.ModelProto, target: onnx.ModelProto) -> o
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    """Constant nodes become initializers (in place), so weights are found in one place."""
     graph = model.graph
     keep = []
     for node in graph.node:
@@ -386,43 +372,6 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
     if attr.name == "value_ints":
         return np.array(list(attr.ints), dtype=np.int64)
     raise ValueError(f"Constant with {attr.name}")
-
-
-def _outputs_differ(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None:
-    """Why `b` cannot replace `a` on seeded random inputs (None: same outputs)."""
-    from onnx_thinet.io.feeds import dummy_feeds
-
-    try:
-        feeds = dummy_feeds(a, batch=2, seed=0)
-        with _quiet_onnxruntime():
-            out_a = _probe_run(a, feeds)
-            out_b = _probe_run(b, feeds)
-    except Exception as exc:  # any failure to run either model means "cannot tell": not applied
-        return f"could not compare outputs: {type(exc).__name__}: {one_line(exc)}"
-    if len(out_a) != len(out_b):
-        return "changed the number of outputs"
-    for x, y in zip(out_a, out_b):
-        if x.shape != y.shape:
-            return f"changed an output shape {x.shape} -> {y.shape}"
-        if x.dtype.kind == "f":
-            scale = max(float(np.abs(x).max(initial=0.0)), 1e-6)
-            if float(np.abs(x - y).max(initial=0.0)) > 1e-4 * scale:
-                return "changed the outputs"
-        elif not np.array_equal(x, y):
-            return "changed the outputs"
-    return None
-
-
-def _probe_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a canonicalization probe with onnxruntime's logging off (failures are reported by us)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    run_options = ort.RunOptions()
-    run_options.log_severity_level = 4
-    return session.run(None, feeds, run_options)
 
 
 @dataclass

@@ -1,0 +1,130 @@
+"""Models without their weight bytes: shape inference and onnxruntime sessions read only dims.
+
+Serializing a model copies every weight (half a gigabyte for VGG-16), and a pipeline that
+infers shapes or builds a session once per pass pays that each time. These helpers hand
+onnx and onnxruntime a copy whose large float initializers carry only their name, type and
+dims: shape inference reads values only of small (shape-like) constants, and onnxruntime
+takes the weights as in-memory external initializers, never as protobuf bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from onnx_thinet.errors import one_line
+
+__all__ = [
+    "LARGE_WEIGHT_ELEMENTS",
+    "SessionModel",
+    "infer_shapes",
+    "is_large_weight",
+    "session_model",
+    "weightless_copy",
+]
+
+logger = logging.getLogger(__name__)
+
+# Constants that shape inference reads (Reshape targets, Resize scales, Slice bounds, data
+# propagation through Shape arithmetic) are a few elements; weights are thousands.
+LARGE_WEIGHT_ELEMENTS = 1024
+_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
+_IN_MEMORY = "onnx-thinet-in-memory"  # external-data location of weights handed over as OrtValues
+
+
+def is_large_weight(tensor: TensorProto) -> bool:
+    """A float initializer held in memory and too large to be a shape constant."""
+    return (tensor.data_type in _FLOAT_TYPES and tensor.data_location != TensorProto.EXTERNAL
+            and int(np.prod(tensor.dims, dtype=np.int64)) > LARGE_WEIGHT_ELEMENTS)
+
+
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of `model` whose large float initializers have name, type and dims but no data.
+
+    Nothing of the weights is copied or serialized; everything else (nodes, value_info,
+    functions, small and integer initializers) is copied verbatim.
+    """
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        if is_large_weight(tensor):
+            light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        else:
+            light.graph.initializer.append(tensor)
+    return light
+
+
+def infer_shapes(model: onnx.ModelProto, in_place: bool = False) -> onnx.ModelProto:
+    """`onnx.shape_inference.infer_shapes(model, data_prop=True)`, run on a weightless copy.
+
+    The result is the same model with the inferred value_info (and output types); with
+    `in_place` it is `model` itself, otherwise a copy (weights copied in memory, never
+    serialized). Inference that fails never fails the run: the model is returned as it is.
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), data_prop=True)
+    except Exception as exc:
+        logger.warning("shape inference failed: %s", one_line(exc))
+        return model
+    target = model if in_place else onnx.ModelProto()
+    for field in [f.name for f, _ in target.ListFields() if f.name != "graph"]:
+        target.ClearField(field)
+    for field in [f.name for f, _ in target.graph.ListFields() if f.name != "initializer"]:
+        target.graph.ClearField(field)
+    _copy_fields(inferred, target, skip="graph")
+    _copy_fields(inferred.graph, target.graph, skip="initializer")
+    if not in_place:
+        target.graph.initializer.extend(model.graph.initializer)
+    return target
+
+
+class SessionModel:
+    """A model as onnxruntime takes it without the weight bytes: the serialized graph, and the
+    large weights as OrtValues over numpy arrays (kept alive here for the session's life)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        import onnxruntime as ort
+
+        light = weightless_copy(model)
+        large = {t.name: t for t in model.graph.initializer if is_large_weight(t)}
+        self.arrays = [np.ascontiguousarray(numpy_helper.to_array(large[t.name]))
+                       for t in light.graph.initializer if t.name in large]
+        self.names = [t.name for t in light.graph.initializer if t.name in large]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+        for tensor, array in zip((t for t in light.graph.initializer if t.name in large), self.arrays):
+            tensor.data_location = TensorProto.EXTERNAL
+            tensor.external_data.add(key="location", value=_IN_MEMORY)
+            tensor.external_data.add(key="length", value=str(array.nbytes))
+        self.data = light.SerializeToString()
+
+    def session(self, options, providers: list[str]):
+        """An InferenceSession on these weights (`options` gains them; use it for one session)."""
+        import onnxruntime as ort
+
+        if self.names:
+            options.add_external_initializers(self.names, self.values)
+        session = ort.InferenceSession(self.data, options, providers=providers)
+        session._thinet_weights = self  # the OrtValues must outlive the session
+        return session
+
+
+def session_model(model: onnx.ModelProto) -> SessionModel:
+    """`model` ready for onnxruntime without serializing its weights (see `SessionModel`)."""
+    return SessionModel(model)
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy every set field of one protobuf message into another of its type, but `skip`."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        if descriptor.is_repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
