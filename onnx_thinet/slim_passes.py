@@ -22,7 +22,7 @@ from onnx_thinet.channels.layout import ChannelGroup, Segment, channel_indicator
 from onnx_thinet.errors import InternalError
 from onnx_thinet.io.data import CalibrationData
 from onnx_thinet.io.graph import infer_shapes
-from onnx_thinet.rewrite.surgery import apply_selection, initializer_array
+from onnx_thinet.rewrite.surgery import apply_selection, initializer_array, initializer_dims
 from onnx_thinet.slim_types import GroupResult, PassInfo, PassProgress, Progress, SlimConfig
 from onnx_thinet.solve.selection import Selection, reconstruct_channels, select_channels
 from onnx_thinet.solve.solvers import keep_count
@@ -227,7 +227,7 @@ def _kept_filters(model: onnx.ModelProto, group: ChannelGroup, kept: np.ndarray)
     if layout.segments != (Segment(0, 0, layout.total),):
         return group.channels, np.asarray(kept)
     node = next(n for n in model.graph.node if n.name == item.node)
-    length = int(initializer_array(model, node.input[1]).shape[item.axis])
+    length = int(initializer_dims(model, node.input[1])[item.axis])
     return length, np.sort(layout.positions(np.asarray(kept), length)[0])
 
 

@@ -108,7 +108,7 @@ def _by_whole_groups(index: GraphIndex, node: onnx.NodeProto, outcome, opset: in
     if not (isinstance(outcome, Skipped) and "grouped Conv" in outcome.reason and node.op_type == "Conv"):
         return outcome
     reader = next((n for n in index.model.graph.node if n.name == outcome.node), None)
-    weight = None if reader is None else index.const(reader.input[1])
+    weight = None if reader is None else index.const_shape(reader.input[1])
     start = _producer_start(index, node, unit=int(weight.shape[1])) if weight is not None else None
     if start is None:
         return outcome
@@ -180,7 +180,7 @@ def _origins(index: GraphIndex, tensor: str, depth: int) -> dict[str, Window] | 
     if start is not None:
         return {node.name: (0, start.channels)}
     how = traversal(node.op_type) if node.domain in ("", "ai.onnx") else "no"
-    if how == "data" and all(index.const(i) is not None for i in node.input[1:] if i):
+    if how == "data" and all(index.const_shape(i) is not None for i in node.input[1:] if i):
         return _origins(index, node.input[0], depth + 1)
     if how == "operands" and len(node.input) == 2:
         return _operand_origins(index, node, depth)
@@ -191,7 +191,7 @@ def _origins(index: GraphIndex, tensor: str, depth: int) -> dict[str, Window] | 
 
 def _operand_origins(index: GraphIndex, node: onnx.NodeProto, depth: int) -> dict[str, Window] | None:
     """Origins of every computed operand of a residual sum or gating product, merged."""
-    parts = [_origins(index, i, depth + 1) for i in node.input if index.const(i) is None]
+    parts = [_origins(index, i, depth + 1) for i in node.input if index.const_shape(i) is None]
     if not parts or any(p is None for p in parts):
         return None
     merged: dict[str, Window] = {}
@@ -243,7 +243,7 @@ def _producer_start(
     """
     if node.domain not in ("", "ai.onnx") or not node.output:
         return None
-    weight = index.const(node.input[1]) if len(node.input) > 1 else None
+    weight = index.const_shape(node.input[1]) if len(node.input) > 1 else None
     if weight is None:
         return None
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -261,7 +261,7 @@ def _producer_start(
         full = Layout.full(int(weight.shape[0] if transposed else weight.shape[1]))
         slices = [ParamSlice(node.name, 1, 0 if transposed else 1, full)]
         if bias:
-            c = index.const(bias)
+            c = index.const_shape(bias)
             if c is None:
                 return None
             if c.ndim >= 1 and c.shape[-1] == full.total and c.size > 1:

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper
 
 from onnx_thinet.channels.layout import AttrUpdate, Consumer, Layout, ParamSlice, ShapeFix
-from onnx_thinet.io.graph import GraphIndex
+from onnx_thinet.io.graph import ConstShape, GraphIndex
 
 __all__ = [
     "Blocked",
@@ -91,6 +91,12 @@ class RuleContext:
         if k >= len(node.input) or not node.input[k]:
             return None
         return self.index.const(node.input[k])
+
+    def const_shape(self, node: onnx.NodeProto, k: int) -> ConstShape | None:
+        """Dims of a constant input without its data (a weight's data is large)."""
+        if k >= len(node.input) or not node.input[k]:
+            return None
+        return self.index.const_shape(node.input[k])
 
     def attr(self, node: onnx.NodeProto, name: str, default=None):
         for a in node.attribute:

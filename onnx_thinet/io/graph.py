@@ -16,11 +16,12 @@ from onnx_thinet.errors import ThinetError, one_line
 from onnx_thinet.io.files import atomic_write
 from onnx_thinet.io.probe import outputs_differ, probe, quiet_onnxruntime, reference_after
 from onnx_thinet.io.validate import validate_model
-from onnx_thinet.io.weightless import infer_shapes
+from onnx_thinet.io.weightless import infer_shapes, is_large_weight, weightless_copy
 
 __all__ = [
     "DEFAULT_OPSET",
     "CanonicalStep",
+    "ConstShape",
     "GraphIndex",
     "canonicalize",
     "canonicalize_steps",
@@ -56,8 +57,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     validate_model(model, path)  # vets external-data paths before reading them, then the graph
     if not model.graph.node:
         raise ThinetError(f"{path}: not a readable ONNX model (the graph has no nodes)")
-    try:  # above 2 GB a message cannot be checked in memory: the checker reads the file
-        onnx.checker.check_model(str(path) if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD else model)
+    try:  # from the file: no copy of the weights through protobuf, and no 2 GB limit
+        onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ThinetError(f"{path}: the ONNX checker rejects the model ({one_line(exc)})") from None
     return model
@@ -69,11 +70,18 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> int:
     Models above ~2 GB are stored with their weights in `<name>.data` beside the file.
     """
     path = Path(path)
-    if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
+    if _serialized_size(model) > _EXTERNAL_DATA_THRESHOLD:
         path.parent.mkdir(parents=True, exist_ok=True)
         return _save_external(model, path)
     atomic_write(path, lambda tmp: tmp.write_bytes(model.SerializeToString()))
     return path.stat().st_size
+
+
+def _serialized_size(model: onnx.ModelProto) -> int:
+    """About the bytes `model` serializes to, from the weights' dims (ByteSize would serialize)."""
+    weights = sum(int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                  for t in model.graph.initializer if is_large_weight(t))
+    return weightless_copy(model).ByteSize() + weights
 
 
 def _save_external(model: onnx.ModelProto, path: Path) -> int:
@@ -374,6 +382,21 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
     raise ValueError(f"Constant with {attr.name}")
 
 
+@dataclass(frozen=True)
+class ConstShape:
+    """An initializer's dims, for checks that need only its shape (a weight's data is large)."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
 @dataclass
 class GraphIndex:
     """Read-only lookups over a graph: who produces and who reads each tensor, constants, shapes."""
@@ -385,6 +408,7 @@ class GraphIndex:
     shapes: dict[str, tuple[int | str | None, ...]] = field(default_factory=dict)
     graph_outputs: set[str] = field(default_factory=set)
     order: dict[str, int] = field(default_factory=dict)
+    _values: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, model: onnx.ModelProto) -> GraphIndex:
@@ -407,9 +431,22 @@ class GraphIndex:
         return index
 
     def const(self, name: str) -> np.ndarray | None:
-        """The value of an initializer, or None when the tensor is computed at run time."""
+        """The value of an initializer (read-only, decoded once per index), or None when the
+        tensor is computed at run time."""
         tensor = self.initializers.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        if tensor is None:
+            return None
+        value = self._values.get(name)
+        if value is None:
+            value = numpy_helper.to_array(tensor)
+            value.flags.writeable = False
+            self._values[name] = value
+        return value
+
+    def const_shape(self, name: str) -> ConstShape | None:
+        """An initializer's dims without reading its data, or None when the tensor is computed."""
+        tensor = self.initializers.get(name)
+        return None if tensor is None else ConstShape(tuple(int(d) for d in tensor.dims))
 
     def rank(self, name: str) -> int | None:
         shape = self.shapes.get(name)

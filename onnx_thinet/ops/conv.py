@@ -26,6 +26,7 @@ from onnx_thinet.pytorch.source import (
 
 if TYPE_CHECKING:
     from onnx_thinet.channels.rules import RuleContext, Step
+    from onnx_thinet.io.graph import ConstShape
     from onnx_thinet.pytorch.codegen import Codegen
 
 __all__: list[str] = []
@@ -37,7 +38,7 @@ __all__: list[str] = []
 @on_data
 def conv_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     """A dense Conv consumes the channels; a depthwise Conv carries them through."""
-    weight = ctx.const(node, 1)
+    weight = ctx.const_shape(node, 1)
     if weight is None:
         return Blocked("Conv weight is not a constant initializer")
     if flow.axis != 1 or ctx.outer(flow) is None:
@@ -53,7 +54,7 @@ def conv_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     return grouped_conv(ctx, node, flow, weight, group, in_channels)
 
 
-def _depthwise(node: onnx.NodeProto, flow: Flow, weight: np.ndarray, in_channels: int) -> Step:
+def _depthwise(node: onnx.NodeProto, flow: Flow, weight: ConstShape, in_channels: int) -> Step:
     multiplier = weight.shape[0] // in_channels
     out_layout = Layout(flow.layout.segments, flow.layout.total, flow.layout.inner * multiplier)
     slices = [ParamSlice(node.name, 1, 0, out_layout)]
@@ -83,7 +84,7 @@ def grouped_conv(ctx: RuleContext, node: onnx.NodeProto, flow: Flow, weight, gro
 
 @on_data
 def conv_transpose_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
-    weight = ctx.const(node, 1)
+    weight = ctx.const_shape(node, 1)
     if weight is None:
         return Blocked("ConvTranspose weight is not a constant initializer")
     if flow.axis != 1 or ctx.outer(flow) != 1:
@@ -126,7 +127,7 @@ def _depthwise_transposed(node: onnx.NodeProto, flow: Flow, weight, group: int) 
 def gemm_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
     if ctx.attr(node, "transA", 0):
         return Blocked("Gemm reads a transposed input")
-    if ctx.const(node, 1) is None:
+    if ctx.const_shape(node, 1) is None:
         return Blocked("Gemm weight is not a constant initializer")
     if flow.axis != 1:
         return Blocked("Gemm reads channels on another axis")
@@ -137,7 +138,7 @@ def gemm_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
 
 @on_data
 def matmul_rule(ctx: RuleContext, node: onnx.NodeProto, flow: Flow) -> Step:
-    weight = ctx.const(node, 1)
+    weight = ctx.const_shape(node, 1)
     rank = ctx.index.rank(flow.tensor)
     if weight is None or weight.ndim != 2:
         return Blocked("MatMul is not activation x constant 2-D weight")

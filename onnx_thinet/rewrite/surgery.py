@@ -18,7 +18,7 @@ from onnx_thinet.channels.layout import (
     slice_channels,
 )
 
-__all__ = ["apply_selection", "initializer_array"]
+__all__ = ["apply_selection", "initializer_array", "initializer_dims"]
 
 
 class _Initializers:
@@ -127,7 +127,7 @@ def _set_bias(params: _Initializers, consumer: Consumer, bias: np.ndarray) -> No
     if len(node.input) > index and node.input[index]:
         params.update(node.name, index, lambda a: bias.reshape(-1))
         return
-    dtype = numpy_helper.to_array(params.tensors[node.input[1]]).dtype
+    dtype = helper.tensor_dtype_to_np_dtype(params.tensors[node.input[1]].data_type)
     name = params.add(f"{node.name}.bias", bias.astype(dtype))
     while len(node.input) < index:
         node.input.append("")
@@ -158,7 +158,16 @@ def _set_int_attribute(node: onnx.NodeProto, name: str, value: int) -> None:
 
 
 def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(_initializer(model, name))
+
+
+def initializer_dims(model: onnx.ModelProto, name: str) -> tuple[int, ...]:
+    """An initializer's shape, without reading its data."""
+    return tuple(int(d) for d in _initializer(model, name).dims)
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
     for t in model.graph.initializer:
         if t.name == name:
-            return numpy_helper.to_array(t)
+            return t
     raise KeyError(name)
