@@ -16,7 +16,7 @@ from onnx_thinet.errors import ThinetError, one_line
 from onnx_thinet.io.files import atomic_write
 from onnx_thinet.io.probe import outputs_differ, probe, quiet_onnxruntime, reference_after
 from onnx_thinet.io.validate import validate_model
-from onnx_thinet.io.weightless import infer_shapes, is_large_weight, weightless_copy
+from onnx_thinet.io.weightless import infer_shapes, is_large_weight, session_model, weightless_copy
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -283,9 +283,7 @@ def _optimize_ort_basic(model: onnx.ModelProto) -> onnx.ModelProto:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.optimized_model_filepath = out
         opts.log_severity_level = 4
-        ort.InferenceSession(
-            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        )
+        session_model(model).session(opts, ["CPUExecutionProvider"])  # writes `out`, weights inline
         optimized = onnx.load(out)
     if any(n.domain not in ("", "ai.onnx") for n in optimized.graph.node):
         raise RuntimeError("optimizer introduced non-standard ops")

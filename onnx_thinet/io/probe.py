@@ -102,6 +102,8 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
+    # Both sides of a comparison run alike; repacking the weights for one run costs more than it saves.
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     with quiet_onnxruntime():
         session = session_model(model).session(opts, ["CPUExecutionProvider"])
         run_options = ort.RunOptions()
