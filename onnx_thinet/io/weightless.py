@@ -70,15 +70,16 @@ def infer_shapes(model: onnx.ModelProto, in_place: bool = False) -> onnx.ModelPr
     except Exception as exc:
         logger.warning("shape inference failed: %s", one_line(exc))
         return model
-    target = model if in_place else onnx.ModelProto()
+    target = model
+    if not in_place:
+        target = onnx.ModelProto()
+        target.CopyFrom(model)
     for field in [f.name for f, _ in target.ListFields() if f.name != "graph"]:
         target.ClearField(field)
     for field in [f.name for f, _ in target.graph.ListFields() if f.name != "initializer"]:
         target.graph.ClearField(field)
     _copy_fields(inferred, target, skip="graph")
     _copy_fields(inferred.graph, target.graph, skip="initializer")
-    if not in_place:
-        target.graph.initializer.extend(model.graph.initializer)
     return target
 
 
