@@ -113,6 +113,22 @@ def test_session_on_in_memory_weights_matches_a_session_from_bytes():
         np.testing.assert_array_equal(got, want)
 
 
+def test_session_keeps_bfloat16_weights_in_the_graph():
+    """numpy has no bfloat16 that onnxruntime takes as an OrtValue: such weights stay serialized."""
+    import ml_dtypes
+
+    w = np.random.default_rng(4).standard_normal(2048).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT), helper.make_node("Add", ["x", "wf"], ["y"])],
+        "bf16", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2048])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2048])],
+        [numpy_helper.from_array(w.astype(ml_dtypes.bfloat16), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = np.ones(2048, np.float32)
+    np.testing.assert_array_equal(make_session(model).run(None, {"x": x})[0],
+                                  x + w.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
 def test_graph_index_decodes_a_constant_once_and_read_only():
     model = _shape_arithmetic_model()
     index = GraphIndex.build(model)

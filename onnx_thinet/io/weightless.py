@@ -10,6 +10,7 @@ takes the weights as in-memory external initializers, never as protobuf bytes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -41,8 +42,10 @@ def is_large_weight(tensor: TensorProto) -> bool:
             and int(np.prod(tensor.dims, dtype=np.int64)) > LARGE_WEIGHT_ELEMENTS)
 
 
-def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy of `model` whose large float initializers have name, type and dims but no data.
+def weightless_copy(model: onnx.ModelProto,
+                    strip: Callable[[TensorProto], bool] = is_large_weight) -> onnx.ModelProto:
+    """Copy of `model` whose large float initializers (those `strip` picks) have name, type and
+    dims but no data.
 
     Nothing of the weights is copied or serialized; everything else (nodes, value_info,
     functions, small and integer initializers) is copied verbatim.
@@ -51,7 +54,7 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     _copy_fields(model, light, skip="graph")
     _copy_fields(model.graph, light.graph, skip="initializer")
     for tensor in model.graph.initializer:
-        if is_large_weight(tensor):
+        if strip(tensor):
             light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         else:
             light.graph.initializer.append(tensor)
@@ -90,8 +93,8 @@ class SessionModel:
     def __init__(self, model: onnx.ModelProto):
         import onnxruntime as ort
 
-        light = weightless_copy(model)
-        large = {t.name: t for t in model.graph.initializer if is_large_weight(t)}
+        light = weightless_copy(model, _in_memory)
+        large = {t.name: t for t in model.graph.initializer if _in_memory(t)}
         self.arrays = [np.ascontiguousarray(numpy_helper.to_array(large[t.name]))
                        for t in light.graph.initializer if t.name in large]
         self.names = [t.name for t in light.graph.initializer if t.name in large]
@@ -116,6 +119,11 @@ class SessionModel:
 def session_model(model: onnx.ModelProto) -> SessionModel:
     """`model` ready for onnxruntime without serializing its weights (see `SessionModel`)."""
     return SessionModel(model)
+
+
+def _in_memory(tensor: TensorProto) -> bool:
+    """A large weight onnxruntime can take as an OrtValue (numpy has no bfloat16 of its own)."""
+    return is_large_weight(tensor) and tensor.data_type != TensorProto.BFLOAT16
 
 
 def _copy_fields(source, target, skip: str) -> None:
