@@ -280,6 +280,19 @@ def _eigh(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return linalg.eigh(g, driver="evd")
 
 
+def _scoring_eigh(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-pairs to score the ridge grid with: float32 on layers with ≥ 1,024 unknowns (1.7x
+    faster; the grid's ridges, 1e-3 of the mean variance and up, are far above float32's
+    rounding), float64 below, where planted redundancy must score exactly 0 at ridge 0."""
+    if len(g) < _SCORING_FLOAT32_DIMS:
+        return _eigh(g)
+    values, vectors = linalg.eigh(g.astype(np.float32), driver="evd")
+    return values.astype(np.float64), vectors.astype(np.float64)
+
+
+_SCORING_FLOAT32_DIMS = 1024
+
+
 def _floored_solve(g: np.ndarray, rhs: np.ndarray, penalty: float) -> np.ndarray:
     """(G + penalty·I)⁻¹ rhs, with no step along directions G does not see (eigenvalue under
     1e-12 of the largest): inputs that duplicate channels make G singular, and a plain solve
@@ -370,7 +383,7 @@ def choose_ridge(
     for train, test in ((folds[0], folds[1]), (folds[1], folds[0])):
         g, c = _centered(train, columns, intercept)
         base = np.zeros_like(c) if prior is None else prior[columns]
-        values, vectors = _eigh(g)
+        values, vectors = _scoring_eigh(g)
         floor = max(float(values.max()), 1e-30) * 1e-12
         projected = vectors.T @ (c - g @ base)
         mean_var = max(float(np.trace(g)) / max(len(columns), 1), 1e-30)
