@@ -27,10 +27,11 @@ def _brute(rows, weight, targets, positions):
     (Layout.full(6), 6),                                    # one position per channel
     (Layout((Segment(0, 0, 4),), 4, inner=3), 12),          # NCHW flatten: 3 positions per channel
     (Layout((Segment(2, 0, 3),), 6, inner=1), 12),          # a Concat slice, repeated twice (NHWC)
+    (Layout((Segment(0, 0, 2), Segment(3, 2, 4)), 5), 10),  # two slices: positions do not step evenly
 ])
 def test_exact_moments_match_brute_force(layout, length):
     rng = np.random.default_rng(0)
-    channels = layout.segments[0].hi - layout.segments[0].lo
+    channels = max(seg.hi for seg in layout.segments)
     rows = rng.standard_normal((5, length)).astype(np.float32)
     weight = rng.standard_normal((length, 7)).astype(np.float32)
     targets = rng.standard_normal((5, 7)).astype(np.float32)

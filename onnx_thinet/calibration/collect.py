@@ -358,11 +358,12 @@ def _consumer_weight(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray:
     node = next(n for n in model.graph.node if n.name == consumer.node)
     name = node.input[consumer.weight.input_index]
     tensor = next(t for t in model.graph.initializer if t.name == name)
-    weight = consumer.kind.working(numpy_helper.to_array(tensor).astype(np.float32), consumer.transpose)
+    stored = np.asarray(numpy_helper.to_array(tensor), dtype=np.float32)  # no copy when it is float32
+    weight = consumer.kind.working(stored, consumer.transpose)
     if consumer.kind.windowed:
         return np.ascontiguousarray(weight)
     alpha = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "alpha"), 1.0)
-    return weight * np.float32(alpha)
+    return weight if alpha == 1.0 else weight * np.float32(alpha)
 
 
 @dataclass(frozen=True)

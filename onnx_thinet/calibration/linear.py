@@ -40,6 +40,7 @@ class LinearChannelMoments:
     weight: np.ndarray  # [K, F]
     scale: float
     _outer: np.ndarray | None = field(default=None, init=False, repr=False)
+    _blocks: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def add(self, entry, rows: np.ndarray, targets: np.ndarray, samples: int) -> None:
         """Add one batch: `rows` [R, K] inputs, `targets` [R, F] the group's share to reconstruct."""
@@ -58,13 +59,31 @@ class LinearChannelMoments:
             picked = rows[:, self.positions[:, 0]].astype(np.float64)
             return (picked.T @ picked) * self._unit_outer()
         blocks = rows[:, self.positions].transpose(1, 0, 2)  # [C, R, m]
-        weight = self.weight[self.positions]  # [C, m, F]
+        weight = self._weight_blocks()  # [C, m, F]
         step = max(1, _CHUNK_ELEMENTS // max(channels * weight.shape[2], 1))
         gram = np.zeros((channels, channels))
         for start in range(0, blocks.shape[1], step):
             z = np.matmul(blocks[:, start : start + step], weight).reshape(channels, -1)
             gram += (z @ z.T).astype(np.float64)
         return gram
+
+    def _weight_blocks(self) -> np.ndarray:
+        """W by channel, [C, m, F]: a strided view when positions step evenly (the NCHW and NHWC
+        Flatten layouts), else one copy."""
+        if self._blocks is None:
+            channels, width = self.positions.shape
+            first = int(self.positions[0, 0])
+            across = int(self.positions[1, 0]) - first if channels > 1 else 0
+            along = int(self.positions[0, 1]) - first if width > 1 else 0
+            grid = first + across * np.arange(channels)[:, None] + along * np.arange(width)[None, :]
+            if np.array_equal(self.positions, grid) and across >= 0 and along >= 0:
+                row, col = self.weight.strides
+                self._blocks = np.lib.stride_tricks.as_strided(
+                    self.weight[first:], shape=(channels, width, self.weight.shape[1]),
+                    strides=(across * row, along * row, col), writeable=False)
+            else:
+                self._blocks = self.weight[self.positions]
+        return self._blocks
 
     def _unit_outer(self) -> np.ndarray:
         if self._outer is None:
