@@ -210,8 +210,8 @@ def _forget_changed(engine: _Engine, current, applied, future: set[str]) -> None
                 deletions[name] = value
             seen.add(name)
     engine.current.invalidate(current, changed, deletions, exact=consumers, future=future)
-    if engine.reference is not None:
-        engine.reference.prune(engine.reference_model)
+    if engine.reference is not None:  # unchanged, but later passes read behind today's cut
+        engine.reference.prune(engine.reference_model, future)
 
 
 def _add_time(profile: dict[str, float], key: str, clock: float) -> None:

@@ -153,3 +153,32 @@ def test_device_cuda_without_a_cuda_onnxruntime_warns_once_and_runs_on_the_cpu(t
     warnings = [line for line in done.stderr.splitlines() if "CUDA" in line]
     assert len(warnings) == 1 and "running on the CPU" in warnings[0]
     assert json.loads((tmp_path / "r.json").read_text())["providers"] == ["CPUExecutionProvider"]
+
+
+def test_reference_keeps_what_later_passes_read_behind_a_skip(tmp_path, monkeypatch):
+    """A U-Net's skip Concat puts the decoder's input on the cut; the reference network must still
+    keep the encoder tensors later passes read, not recompute them from the input every pass."""
+    import importlib.util
+    from pathlib import Path
+
+    from onnx_thinet.calibration import segments
+
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1] / "tools" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = bench.unet_fixed_batch(size=16, depth=3, levels=2, base=4)
+    sizes = []
+    build = segments._segment_model
+
+    def counted(model, nodes, inputs, outputs):
+        sizes.append(sum(n.op_type == "Conv" for n in nodes))
+        return build(model, nodes, inputs, outputs)
+
+    monkeypatch.setattr(segments, "_segment_model", counted)
+    x = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    result = slim(model, ArrayData({"image": x}), SlimConfig(keep_ratio=0.5))
+    convs = sum(n.op_type == "Conv" for n in model.graph.node)
+    # one conv per segment and network, except the runs up to a skip Concat (the encoder's
+    # rest and the decoder below it); recomputing from the input each pass costs about twice that
+    assert sum(sizes) < 4 * convs, sizes
+    assert result.verification.rel_error < 1.0

@@ -1,7 +1,8 @@
 """Calibration engine: stream batches through onnxruntime and accumulate ThiNet statistics.
 
-For every consumer of a group we sample (image, output unit, location) triples and record
-x̂_c, the contribution of input channel c to that output, and the target ŷ. Only the sufficient
+For every convolution reading a group we sample (image, output unit, location) triples and record
+x̂_c, the contribution of input channel c to that output, and the target ŷ; a linear reader's
+sums over all its rows and units are exact (`calibration.linear`). Only the sufficient
 statistics XᵀX, Xᵀŷ and ‖ŷ‖² (plus activation zero counts for APoZ) are kept, so memory does
 not depend on the number of calibration images.
 """
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnx_thinet.calibration.linear import LinearChannelMoments, channel_positions
 from onnx_thinet.calibration.segments import SegmentRunner
 from onnx_thinet.channels.layout import ChannelGroup, Consumer, channel_indicator, removed_positions
 from onnx_thinet.solve.solvers import FitMoments, FitSamples
@@ -146,16 +148,25 @@ def channel_statistics(
     stats = {g.producer: {c.node: ConsumerStats(g.channels) for c in g.consumers} for g in groups}
     rng = np.random.default_rng(seed)
     images = len(current.batching.indices)
+    exact: dict[tuple[str, str], LinearChannelMoments] = {}
     for batch in range(current.batching.count):
         values = {name: current.get(name, batch) for name in tensors}
         ref_values = {name: reference.get(name, batch) for name in tensors} if reference else {}
         for group in groups:
             count = samples_per_image(group.channels, images, per_image)
             for consumer in group.consumers:
-                _add_channel_samples(stats[group.producer][consumer.node], group.channels, consumer,
-                                     nodes[consumer.node], values[consumer.input], weights[consumer.node],
-                                     ref_values.get(consumer.input), ref_weights.get(consumer.node),
-                                     count, rng)
+                entry, x = stats[group.producer][consumer.node], values[consumer.input]
+                ref_x, ref_weight = ref_values.get(consumer.input), ref_weights.get(consumer.node)
+                if consumer.kind.windowed:
+                    _add_channel_samples(entry, group.channels, consumer, nodes[consumer.node], x,
+                                         weights[consumer.node], ref_x, ref_weight, count, rng)
+                    continue
+                key = (group.producer, consumer.node)
+                if key not in exact:
+                    exact[key] = _linear_moments(group.channels, consumer, x, weights[consumer.node], count)
+                _add_linear_exact(entry, exact[key], x, weights[consumer.node], ref_x, ref_weight, count)
+                _count_zeros(entry, x, x.ndim - 1, channel_indicator(consumer.weight.layout, group.channels,
+                                                                     x.shape[-1]))
         if progress is not None:
             progress(len(current.batching.rows(batch)))
     return stats
@@ -176,6 +187,23 @@ def _add_channel_samples(entry: ConsumerStats, channels: int, consumer: Consumer
         target = target + sampler(ref_x, ref_weight).sum(axis=1) - contrib.sum(axis=1)
     entry.add(per_channel, target)
     _count_zeros(entry, x, axis, indicator)
+
+
+def _linear_moments(channels: int, consumer: Consumer, x, weight, count: int) -> LinearChannelMoments:
+    positions = channel_positions(consumer.weight.layout, channels, x.shape[-1])
+    return LinearChannelMoments(positions, weight, count / weight.shape[1])
+
+
+def _add_linear_exact(entry: ConsumerStats, moments: LinearChannelMoments, x, weight, ref_x, ref_weight,
+                      count: int) -> None:
+    """Exact statistics of a linear reader on one batch; the target is the group's share of the
+    output (plus, with a reference, what the reference network adds on top of the current one)."""
+    rows = x.reshape(-1, x.shape[-1])
+    group = moments.positions.ravel()
+    target = rows[:, group] @ weight[group]
+    if ref_x is not None:
+        target += ref_x.reshape(-1, ref_x.shape[-1]) @ ref_weight - rows @ weight
+    moments.add(entry, rows, target, len(rows) * count)
 
 
 def refit_statistics(
@@ -266,13 +294,13 @@ def _conv_refit_rows(node, x, ref_x, weight, bias, images: int, rng):
     at = conv_positions(x.shape[0], 1, geometry, per_image, rng)
     inputs = conv_patches(x, kept_shape, geometry, at).reshape(len(at.row), -1)
     ref_inputs = conv_patches(ref_x, weight.shape, geometry, at).reshape(len(at.row), -1)
-    targets = ref_inputs @ weight.reshape(weight.shape[0], -1).T.astype(np.float64) + bias
+    targets = (ref_inputs @ weight.reshape(weight.shape[0], -1).T).astype(np.float64) + bias
     return inputs, targets, at.row
 
 
 def _linear_refit_rows(x, ref_x, weight, bias):
     inputs = x.reshape(-1, x.shape[-1])
-    targets = ref_x.reshape(-1, ref_x.shape[-1]).astype(np.float64) @ weight + bias
+    targets = (ref_x.reshape(-1, ref_x.shape[-1]) @ weight).astype(np.float64) + bias
     return inputs, targets, np.arange(len(inputs)) // (len(inputs) // x.shape[0])
 
 
@@ -330,11 +358,12 @@ def _consumer_weight(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray:
     node = next(n for n in model.graph.node if n.name == consumer.node)
     name = node.input[consumer.weight.input_index]
     tensor = next(t for t in model.graph.initializer if t.name == name)
-    weight = consumer.kind.working(numpy_helper.to_array(tensor).astype(np.float32), consumer.transpose)
+    stored = np.asarray(numpy_helper.to_array(tensor), dtype=np.float32)  # no copy when it is float32
+    weight = consumer.kind.working(stored, consumer.transpose)
     if consumer.kind.windowed:
         return np.ascontiguousarray(weight)
     alpha = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "alpha"), 1.0)
-    return weight * np.float32(alpha)
+    return weight if alpha == 1.0 else weight * np.float32(alpha)
 
 
 @dataclass(frozen=True)
@@ -406,22 +435,43 @@ def conv_contributions(
     included, so each row sums to the conv output minus bias.
     """
     patches = conv_patches(x, weight.shape, geometry, at)
-    weight = weight.reshape(weight.shape[0], weight.shape[1], *patches.shape[2:])
-    return np.einsum("sckl,sckl->sc", patches, weight[at.unit], dtype=np.float64)
+    weight = weight.reshape(weight.shape[0], weight.shape[1], -1)
+    patches = patches.reshape(len(patches), patches.shape[1], -1)
+    out = np.empty(patches.shape[:2], np.float64)
+    step = max(1, _GATHER_ELEMENTS // max(patches.shape[1] * patches.shape[2], 1))
+    for start in range(0, len(patches), step):
+        rows = slice(start, start + step)
+        out[rows] = np.einsum("sck,sck->sc", patches[rows], weight[at.unit[rows]])
+    return out
+
+
+_GATHER_ELEMENTS = 1 << 22  # gathered entries per block (int64 indices: 32 MB)
 
 
 def conv_patches(x: np.ndarray, weight_shape, geometry: ConvGeometry, at: Positions) -> np.ndarray:
-    """The input windows (S, C_in, kh, kw) under sampled outputs, zero padding included."""
+    """The input windows (S, C_in, kh, kw) under sampled outputs, zero padding included.
+
+    The input is zero-padded once, then each block of windows is one flat gather.
+    """
     if x.ndim == 3:
         x = x[:, :, None, :]
-    _, c, h, w = x.shape
+    n, c, h, w = x.shape
     kh, kw = (1, weight_shape[2]) if len(weight_shape) == 3 else tuple(weight_shape[2:])
-    rows = at.top[:, None] + np.arange(kh)[None, :] * geometry.dilations[0]
-    cols = at.left[:, None] + np.arange(kw)[None, :] * geometry.dilations[1]
-    patches = x[at.row[:, None, None, None], np.arange(c)[None, :, None, None],
-                np.clip(rows, 0, h - 1)[:, None, :, None], np.clip(cols, 0, w - 1)[:, None, None, :]]
-    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-    return np.where(inside[:, None, :, :], patches, np.zeros((), dtype=x.dtype))
+    (dh, dw), (ph, pw) = geometry.dilations, geometry.pads_begin
+    reach_h = int(at.top.max(initial=0)) + (kh - 1) * dh + 1 if len(at.row) else h
+    reach_w = int(at.left.max(initial=0)) + (kw - 1) * dw + 1 if len(at.row) else w
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, max(reach_h - h, 0)), (pw, max(reach_w - w, 0))))
+    hp, wp = padded.shape[2:]
+    window = (np.arange(c)[:, None, None] * (hp * wp) + np.arange(kh)[None, :, None] * (dh * wp)
+              + np.arange(kw)[None, None, :] * dw).ravel()
+    base = (at.row.astype(np.int64) * c * hp * wp + (at.top + ph).astype(np.int64) * wp
+            + (at.left + pw).astype(np.int64))
+    flat = padded.reshape(-1)
+    out = np.empty((len(base), window.size), dtype=x.dtype)
+    step = max(1, _GATHER_ELEMENTS // max(window.size, 1))
+    for start in range(0, len(base), step):
+        np.take(flat, base[start : start + step, None] + window[None, :], out=out[start : start + step])
+    return out.reshape(len(base), c, kh, kw)
 
 
 def linear_positions(rows: int, units: int, per_row: int, rng: np.random.Generator) -> Positions:
@@ -437,6 +487,6 @@ def linear_contributions(a: np.ndarray, weight: np.ndarray, at: Positions) -> np
 
 def _count_zeros(entry: ConsumerStats, x: np.ndarray, axis: int, indicator: np.ndarray) -> None:
     """Zero counts per channel of the consumer's input (APoZ)."""
-    moved = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-    entry.zeros += (moved == 0).sum(axis=0, dtype=np.float64) @ indicator
-    entry.elements += moved.shape[0] * int(indicator.sum(axis=0).max())
+    others = tuple(k for k in range(x.ndim) if k != axis % x.ndim)
+    entry.zeros += np.count_nonzero(x == 0, axis=others).astype(np.float64) @ indicator
+    entry.elements += x.size // x.shape[axis] * int(indicator.sum(axis=0).max())
