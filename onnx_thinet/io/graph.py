@@ -406,7 +406,7 @@ class GraphIndex:
     shapes: dict[str, tuple[int | str | None, ...]] = field(default_factory=dict)
     graph_outputs: set[str] = field(default_factory=set)
     order: dict[str, int] = field(default_factory=dict)
-    _values: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _values: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, model: onnx.ModelProto) -> GraphIndex:
