@@ -196,11 +196,11 @@ def bench_memory(model: str, calib: str, sizes: list[int]) -> list[dict]:
             path = Path(tmp) / f"calib_{n}.npy"
             np.save(path, data)
             code = (
-                "import resource, numpy as np\n"
+                "import numpy as np\n"
                 "from onnx_thinet import slim, SlimConfig, load_model, load_calibration\n"
                 f"m = load_model({model!r}); d = load_calibration({str(path)!r}, m)\n"
                 "slim(m, d, SlimConfig())\n"
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+                "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
             )
             start = time.perf_counter()
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -311,7 +311,9 @@ def _slim_child(model_path: Path, calib_path: Path, report: Path, memory_limit: 
             f"sys.argv = {command[2:]!r}\n"
             "try:\n    runpy.run_module('onnx_thinet.cli', run_name='__main__')\n"
             "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n"
+            # VmHWM, not ru_maxrss: the latter keeps the parent's size from before the exec
+            "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+            "print('PEAK_KB', hwm[0], flush=True)\n"
             "sys.exit(code or 0)\n")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
