@@ -194,3 +194,40 @@ def test_a_skipped_step_is_in_the_slim_report_with_its_reason():
     assert steps["onnxsim"]["applied"] and steps["onnxsim"]["reason"] is None
     assert not steps["onnxruntime"]["applied"]
     assert "precision Casts" in steps["onnxruntime"]["reason"]
+
+
+def test_simplifier_sees_large_layer_weights_as_inputs_and_gives_them_back():
+    """onnx-simplifier gets the large Conv weight as a graph input (it copies what it is given
+    many times over); the canonical model has it back as an initializer, interface unchanged."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_thinet.io.graph import canonicalize_steps
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((64, 512, 3, 3)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Shape", ["y"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "zero"], ["n"], name="gather", axis=0),
+        helper.make_node("Unsqueeze", ["n", "zero1"], ["n1"], name="unsq"),
+        helper.make_node("Concat", ["n1", "minus1"], ["target"], name="cat", axis=0),
+        helper.make_node("Reshape", ["y", "target"], ["z"], name="flat"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512, 4, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 1024])],
+        [weight, numpy_helper.from_array(np.array(0, np.int64), "zero"),
+         numpy_helper.from_array(np.array([0], np.int64), "zero1"),
+         numpy_helper.from_array(np.array([-1], np.int64), "minus1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    canonical, steps = canonicalize_steps(model)
+    assert steps[0].step == "onnxsim" and steps[0].applied, steps
+    assert [v.name for v in canonical.graph.input] == ["x"]
+    kept = {t.name: t for t in canonical.graph.initializer}
+    assert np.array_equal(numpy_helper.to_array(kept["w"]), numpy_helper.to_array(weight))
+    assert "Shape" not in {n.op_type for n in canonical.graph.node}  # the simplifier folded it
+    x = rng.standard_normal((2, 512, 4, 4)).astype(np.float32)
+    import onnxruntime as ort
+
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run(canonical), run(model), rtol=1e-5, atol=1e-4)
