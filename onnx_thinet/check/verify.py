@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,6 +13,7 @@ from onnx_thinet.calibration.runtime import make_session
 from onnx_thinet.check.measure import ErrorSums
 from onnx_thinet.errors import InternalError
 from onnx_thinet.io.data import CalibrationData
+from onnx_thinet.io.graph import needs_external_data, save_model_atomic
 
 __all__ = ["AGREEMENT_WARNING", "OutputCheck", "OutputComparison", "check_model", "compare_outputs",
            "output_warnings"]
@@ -48,9 +51,18 @@ class OutputComparison:
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """Full ONNX checker (with shape inference); a failure here is a bug in the rewrite."""
+    """Full ONNX checker (with shape inference); a failure here is a bug in the rewrite.
+
+    A model over protobuf's 2 GB is checked as a file with external data, as it will be saved.
+    """
     try:
-        onnx.checker.check_model(model, full_check=True)
+        if needs_external_data(model):
+            with tempfile.TemporaryDirectory(prefix="onnx-thinet-check-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                save_model_atomic(model, path)
+                onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
         raise InternalError(f"the rewritten model fails the ONNX checker ({exc})") from None
 

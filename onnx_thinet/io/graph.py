@@ -28,6 +28,7 @@ __all__ = [
     "graph_inputs",
     "infer_shapes",
     "load_model",
+    "needs_external_data",
     "opset_version",
     "preserve_interface",
     "save_model_atomic",
@@ -70,11 +71,17 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> int:
     Models above ~2 GB are stored with their weights in `<name>.data` beside the file.
     """
     path = Path(path)
-    if _serialized_size(model) > _EXTERNAL_DATA_THRESHOLD:
+    if needs_external_data(model):
         path.parent.mkdir(parents=True, exist_ok=True)
         return _save_external(model, path)
     atomic_write(path, lambda tmp: tmp.write_bytes(model.SerializeToString()))
     return path.stat().st_size
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """Whether `model` is too large for one protobuf message (it must be saved, checked and
+    loaded with its weights in a separate file)."""
+    return _serialized_size(model) > _EXTERNAL_DATA_THRESHOLD
 
 
 def _serialized_size(model: onnx.ModelProto) -> int:
@@ -88,7 +95,8 @@ def _save_external(model: onnx.ModelProto, path: Path) -> int:
     """The graph and `<name>.data` through temp files: the data is renamed into place first and
     the graph after it, so a failure never leaves a graph whose weights are missing."""
     data_name = path.name + ".data"
-    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # a message copy: serializing would hit protobuf's 2 GB limit
 
     def write_data(tmp_data: Path) -> None:
         graph_tmp = tmp_data.with_name(tmp_data.name + ".onnx")
