@@ -229,5 +229,8 @@ def test_simplifier_sees_large_layer_weights_as_inputs_and_gives_them_back():
     x = rng.standard_normal((2, 512, 4, 4)).astype(np.float32)
     import onnxruntime as ort
 
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
     np.testing.assert_allclose(run(canonical), run(model), rtol=1e-5, atol=1e-4)
