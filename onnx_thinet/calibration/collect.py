@@ -165,8 +165,6 @@ def channel_statistics(
                 if key not in exact:
                     exact[key] = _linear_moments(group.channels, consumer, x, weights[consumer.node], count)
                 _add_linear_exact(entry, exact[key], x, weights[consumer.node], ref_x, ref_weight, count)
-                _count_zeros(entry, x, x.ndim - 1, channel_indicator(consumer.weight.layout, group.channels,
-                                                                     x.shape[-1]))
         if progress is not None:
             progress(len(current.batching.rows(batch)))
     return stats
@@ -204,6 +202,9 @@ def _add_linear_exact(entry: ConsumerStats, moments: LinearChannelMoments, x, we
     if ref_x is not None:
         target += ref_x.reshape(-1, ref_x.shape[-1]) @ ref_weight - rows @ weight
     moments.add(entry, rows, target, len(rows) * count)
+    zeros = np.count_nonzero(rows == 0, axis=0)  # APoZ, as `_count_zeros` counts it
+    entry.zeros += zeros[moments.positions].sum(axis=1)
+    entry.elements += len(rows) * moments.positions.shape[1]
 
 
 def refit_statistics(
