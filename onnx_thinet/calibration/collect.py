@@ -456,7 +456,7 @@ def conv_patches(x: np.ndarray, weight_shape, geometry: ConvGeometry, at: Positi
     """
     if x.ndim == 3:
         x = x[:, :, None, :]
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     kh, kw = (1, weight_shape[2]) if len(weight_shape) == 3 else tuple(weight_shape[2:])
     (dh, dw), (ph, pw) = geometry.dilations, geometry.pads_begin
     reach_h = int(at.top.max(initial=0)) + (kh - 1) * dh + 1 if len(at.row) else h
