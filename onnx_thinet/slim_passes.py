@@ -143,7 +143,7 @@ def _prune_wave(engine: _Engine, current, wave, config: SlimConfig, rng, kept_ou
     inner = sum(engine.profile.get(k, 0.0) for k in ("onnxruntime", "io"))
     stats = channel_statistics(current, wave, engine.current, engine.reference, reference,
                                per_image=config.samples_per_image, seed=int(rng.integers(2**31)),
-                               kept_outputs=kept_outputs, progress=advance)
+                               kept_outputs=kept_outputs, progress=advance, zero_counts=config.method == "apoz")
     inner = sum(engine.profile.get(k, 0.0) for k in ("onnxruntime", "io")) - inner
     _add_time(engine.profile, "statistics", clock + inner)
     applied = []
@@ -151,8 +151,8 @@ def _prune_wave(engine: _Engine, current, wave, config: SlimConfig, rng, kept_ou
         clock = time.perf_counter()
         keep = dict(config.keep_counts or ()).get(group.producer) or keep_count(
             group.channels, config.keep_ratio, max(config.channel_multiple, config.round_to))
-        kept = (select_channels(config.method, group, stats[group.producer], keep,
-                                _filter_l1(current, group), rng)
+        l1 = _filter_l1(current, group) if config.method == "l1" else None  # reads the producer weights
+        kept = (select_channels(config.method, group, stats[group.producer], keep, l1, rng)
                 if keep < group.channels else np.arange(group.channels))
         _add_time(engine.profile, "selection", clock)
         clock = time.perf_counter()

@@ -294,6 +294,20 @@ def test_baseline_methods_give_valid_models_on_planted_families(method):
         assert all(g.channels_after == g.channels_before - len(dead[g.producer]) for g in result.groups)
 
 
+def test_apoz_removes_the_channels_that_are_zero_everywhere():
+    """conv1's filters 1, 4, 5 see only a negative bias: after the Relu they are always 0."""
+    n = builders.Net(3)
+    h = n.node("Relu", [n.conv("x", "conv1", 3, 8)], "relu1")
+    n.conv(h, "conv2", 8, 4)
+    n._replace("conv1.w", np.where(np.isin(np.arange(8), [1, 4, 5])[:, None, None, None], 0.0,
+                                   numpy_helper.to_array(next(t for t in n.inits if t.name == "conv1.w"))))
+    n._replace("conv1.b", np.where(np.isin(np.arange(8), [1, 4, 5]), -1.0, 0.1))
+    model = n.model(["N", 3, 12, 12], "conv2", ["N", 4, 12, 12])
+    result = _slim(model, SlimConfig(keep_ratio=0.625, method="apoz"))
+    (group,) = result.groups
+    assert group.kept == (0, 2, 3, 6, 7)
+
+
 def test_several_graph_inputs_and_outputs():
     net = builders.Net(0)
     a = net.node("Relu", [net.conv("x1", "a", 3, 6)], "ra")

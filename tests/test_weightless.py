@@ -106,9 +106,14 @@ def test_weightless_copy_drops_only_large_float_data():
 def test_session_on_in_memory_weights_matches_a_session_from_bytes():
     model = _shape_arithmetic_model()
     x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
-    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    options = ort.SessionOptions()  # as make_session's: prepacked weights sum in another order
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    expected = ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"]).run(None, {"x": x})
     session = make_session(model)
     gc.collect()  # the session keeps its weights alive on its own
+    # no arena: an output kept in the activation store must not pin the session's memory
+    assert not session.get_session_options().enable_cpu_mem_arena
     for got, want in zip(session.run(None, {"x": x}), expected):
         np.testing.assert_array_equal(got, want)
 

@@ -106,15 +106,18 @@ def forward_seconds(path: Path, calib: np.ndarray, provider: str) -> tuple[float
     return time.perf_counter() - start, session.get_providers()
 
 
-def slim_seconds(path: Path, calib_path: Path, device: str, out: Path) -> dict:
+def slim_seconds(path: Path, calib_path: Path, device: str, out: Path, timeout: float) -> dict:
     report = out.with_suffix(f".{device}.json")
     command = [sys.executable, "-m", "onnx_thinet.cli", "slim", str(path), "--calib", str(calib_path),
                "--output", str(out.with_suffix(f".{device}.onnx")), "--report", str(report),
                "--force", "--device", device]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                              [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # the progress lines say how far it got
+        tail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()[-3:]
+        return {"device": device, "error": f"not finished in {timeout:.0f} s", "last_lines": tail}
     seconds = time.perf_counter() - start
     warnings = [line for line in done.stderr.splitlines() if "WARNING" in line or "error" in line]
     if done.returncode:
@@ -130,6 +133,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["vgg16", "resnet50"])
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--timeout", type=float, default=420, help="seconds per slim run")
+    parser.add_argument("--devices", nargs="+", default=["cuda", "cpu"], help="slim on these, in order")
     args = parser.parse_args()
     import onnx
     import onnxruntime as ort
@@ -151,8 +156,8 @@ def main() -> int:
                 seconds, used = forward_seconds(path, calib, provider)
                 print(json.dumps({"model": name, "forward": provider, "seconds": round(seconds, 2),
                                   "providers": used}), flush=True)
-            for device in ("cpu", "cuda"):
-                row = slim_seconds(path, calib_path, device, Path(tmp) / name)
+            for device in args.devices:
+                row = slim_seconds(path, calib_path, device, Path(tmp) / name, args.timeout)
                 print(json.dumps({"model": name, "images": args.images} | row), flush=True)
                 if device == "cuda" and "CUDAExecutionProvider" not in (row.get("providers") or []):
                     ok = False

@@ -128,6 +128,7 @@ def channel_statistics(
     seed: int = 0,
     kept_outputs: dict[str, np.ndarray] | None = None,
     progress: Progress | None = None,
+    zero_counts: bool = False,
 ) -> dict[str, dict[str, ConsumerStats]]:
     """One sweep over the calibration batches gathering channel statistics for all `groups`.
 
@@ -135,6 +136,7 @@ def channel_statistics(
     the targets ŷ come from it instead, so reconstruction also corrects earlier layers' error.
     `kept_outputs[node]` lists which of the reference's output filters a consumer still has
     (it may already have been cut as the producer of an earlier group).
+    `zero_counts`: also count zero activations per channel (APoZ; a pass over every element).
     Returns stats[group.producer][consumer.node].
     """
     tensors = sorted({c.input for g in groups for c in g.consumers})
@@ -159,19 +161,20 @@ def channel_statistics(
                 ref_x, ref_weight = ref_values.get(consumer.input), ref_weights.get(consumer.node)
                 if consumer.kind.windowed:
                     _add_channel_samples(entry, group.channels, consumer, nodes[consumer.node], x,
-                                         weights[consumer.node], ref_x, ref_weight, count, rng)
+                                         weights[consumer.node], ref_x, ref_weight, count, rng, zero_counts)
                     continue
                 key = (group.producer, consumer.node)
                 if key not in exact:
                     exact[key] = _linear_moments(group.channels, consumer, x, weights[consumer.node], count)
-                _add_linear_exact(entry, exact[key], x, weights[consumer.node], ref_x, ref_weight, count)
+                _add_linear_exact(entry, exact[key], x, weights[consumer.node], ref_x, ref_weight, count,
+                                  zero_counts)
         if progress is not None:
             progress(len(current.batching.rows(batch)))
     return stats
 
 
 def _add_channel_samples(entry: ConsumerStats, channels: int, consumer: Consumer, node, x, weight,
-                         ref_x, ref_weight, count: int, rng) -> None:
+                         ref_x, ref_weight, count: int, rng, zero_counts: bool) -> None:
     """Sampled per-channel contributions x̂ and the target ŷ of one consumer on one batch."""
     sampler = _sampler(consumer, node, x.shape, weight, count, rng)
     contrib = sampler(x, weight)
@@ -184,7 +187,8 @@ def _add_channel_samples(entry: ConsumerStats, channels: int, consumer: Consumer
     if ref_x is not None:
         target = target + sampler(ref_x, ref_weight).sum(axis=1) - contrib.sum(axis=1)
     entry.add(per_channel, target)
-    _count_zeros(entry, x, axis, indicator)
+    if zero_counts:
+        _count_zeros(entry, x, axis, indicator)
 
 
 def _linear_moments(channels: int, consumer: Consumer, x, weight, count: int) -> LinearChannelMoments:
@@ -193,7 +197,7 @@ def _linear_moments(channels: int, consumer: Consumer, x, weight, count: int) ->
 
 
 def _add_linear_exact(entry: ConsumerStats, moments: LinearChannelMoments, x, weight, ref_x, ref_weight,
-                      count: int) -> None:
+                      count: int, zero_counts: bool) -> None:
     """Exact statistics of a linear reader on one batch; the target is the group's share of the
     output (plus, with a reference, what the reference network adds on top of the current one)."""
     rows = x.reshape(-1, x.shape[-1])
@@ -202,9 +206,10 @@ def _add_linear_exact(entry: ConsumerStats, moments: LinearChannelMoments, x, we
     if ref_x is not None:
         target += ref_x.reshape(-1, ref_x.shape[-1]) @ ref_weight - rows @ weight
     moments.add(entry, rows, target, len(rows) * count)
-    zeros = np.count_nonzero(rows == 0, axis=0)  # APoZ, as `_count_zeros` counts it
-    entry.zeros += zeros[moments.positions].sum(axis=1)
-    entry.elements += len(rows) * moments.positions.shape[1]
+    if zero_counts:
+        zeros = np.count_nonzero(rows == 0, axis=0)  # APoZ, as `_count_zeros` counts it
+        entry.zeros += zeros[moments.positions].sum(axis=1)
+        entry.elements += len(rows) * moments.positions.shape[1]
 
 
 def refit_statistics(
@@ -241,8 +246,8 @@ def refit_statistics(
             ref_x = source.get(consumer.input, batch) if reference is not None else x
             axis = consumer.kind.channel_axis(x.ndim)
             lost = removed_positions(consumer.weight.layout, kept, group.channels, x.shape[axis])
-            _add_refit(stats[consumer.node], consumer, nodes[consumer.node], np.delete(x, lost, axis=axis),
-                       ref_x, weights[consumer.node], biases[consumer.node], lost, images, rng, first)
+            _add_refit(stats[consumer.node], consumer, nodes[consumer.node], x, ref_x, weights[consumer.node],
+                       biases[consumer.node], lost, images, rng, first)
 
 
 def _reference_weights(model, consumers, kept_outputs) -> dict[str, np.ndarray]:
@@ -265,35 +270,38 @@ def _sampler(consumer: Consumer, node, x_shape, weight, count: int, rng):
 
 def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight, bias, lost,
                images: int, rng, first_image: int) -> None:
-    """Sample kept consumer inputs `x` at random places; targets are all outputs there."""
+    """Sample the kept positions of consumer inputs `x` (all but `lost`) at random places;
+    targets are all outputs there."""
+    axis = consumer.kind.channel_axis(x.ndim)
     if consumer.kind.windowed:
         view = _conv_view(consumer, node)
+        kept = np.setdiff1d(np.arange(x.shape[axis]), lost)
         inputs, targets, image = _conv_refit_rows(view.node, view.input(x), view.input(ref_x), weight, bias,
-                                                  images, rng)
+                                                  images, rng, kept)
     else:
-        inputs, targets, image = _linear_refit_rows(x, ref_x, weight, bias)
+        inputs, targets, image = _linear_refit_rows(np.delete(x, lost, axis=axis), ref_x, weight, bias)
     if entry.refit is None:  # the prior (a copy of the kept weight) only once
         if consumer.kind.windowed:
             prior = np.delete(weight, lost, axis=1)
             prior = prior.reshape(prior.shape[0], -1).T
         else:
             prior = np.delete(weight, lost, axis=0)
-        in_channels = x.shape[consumer.kind.channel_axis(x.ndim)]
+        in_channels = x.shape[axis] - len(lost)
         rows = _refit_rows_expected(consumer, inputs.shape[1], len(inputs), images, x.shape[0])
         entry.refit = RefitStats(inputs.shape[1], targets.shape[1], in_channels, prior.astype(np.float64),
                                  columns_kept=True, expected_rows=rows)
     entry.refit.add(inputs, targets, (first_image + image) % 2 == 1)
 
 
-def _conv_refit_rows(node, x, ref_x, weight, bias, images: int, rng):
-    """Windows of the kept inputs and the reference conv's outputs at the same places."""
-    kept_shape = (weight.shape[0], x.shape[1], *weight.shape[2:])
+def _conv_refit_rows(node, x, ref_x, weight, bias, images: int, rng, kept: np.ndarray):
+    """Windows of the `kept` input channels and the reference conv's outputs at the same places."""
+    kept_shape = (weight.shape[0], len(kept), *weight.shape[2:])
     dims = int(np.prod(kept_shape[1:]))
     geometry = _conv_geometry(node, x.shape, kept_shape)
     places = int(np.prod(geometry.out_size))
     per_image = min(places, max(10, math.ceil(20 * dims / max(images, 1))))
     at = conv_positions(x.shape[0], 1, geometry, per_image, rng)
-    inputs = conv_patches(x, kept_shape, geometry, at).reshape(len(at.row), -1)
+    inputs = conv_patches(x, kept_shape, geometry, at, channels=kept).reshape(len(at.row), -1)
     ref_inputs = conv_patches(ref_x, weight.shape, geometry, at).reshape(len(at.row), -1)
     targets = (ref_inputs @ weight.reshape(weight.shape[0], -1).T).astype(np.float64) + bias
     return inputs, targets, at.row
@@ -449,30 +457,36 @@ def conv_contributions(
 _GATHER_ELEMENTS = 1 << 22  # gathered entries per block (int64 indices: 32 MB)
 
 
-def conv_patches(x: np.ndarray, weight_shape, geometry: ConvGeometry, at: Positions) -> np.ndarray:
-    """The input windows (S, C_in, kh, kw) under sampled outputs, zero padding included.
+def conv_patches(x: np.ndarray, weight_shape, geometry: ConvGeometry, at: Positions,
+                 channels: np.ndarray | None = None) -> np.ndarray:
+    """The input windows (S, C_in, kh, kw) under sampled outputs, zero padding included, of
+    all input channels or of `channels` alone.
 
-    The input is zero-padded once, then each block of windows is one flat gather.
+    Each block of windows is one flat gather from the unpadded input, positions in the padding
+    clipped and zeroed afterwards: no copy of the activation (a padded copy of VGG-16's first
+    activations is 0.4 GB per batch), work in proportion to the samples.
     """
     if x.ndim == 3:
         x = x[:, :, None, :]
     _, c, h, w = x.shape
     kh, kw = (1, weight_shape[2]) if len(weight_shape) == 3 else tuple(weight_shape[2:])
-    (dh, dw), (ph, pw) = geometry.dilations, geometry.pads_begin
-    reach_h = int(at.top.max(initial=0)) + (kh - 1) * dh + 1 if len(at.row) else h
-    reach_w = int(at.left.max(initial=0)) + (kw - 1) * dw + 1 if len(at.row) else w
-    padded = np.pad(x, ((0, 0), (0, 0), (ph, max(reach_h - h, 0)), (pw, max(reach_w - w, 0))))
-    hp, wp = padded.shape[2:]
-    window = (np.arange(c)[:, None, None] * (hp * wp) + np.arange(kh)[None, :, None] * (dh * wp)
-              + np.arange(kw)[None, None, :] * dw).ravel()
-    base = (at.row.astype(np.int64) * c * hp * wp + (at.top + ph).astype(np.int64) * wp
-            + (at.left + pw).astype(np.int64))
-    flat = padded.reshape(-1)
-    out = np.empty((len(base), window.size), dtype=x.dtype)
-    step = max(1, _GATHER_ELEMENTS // max(window.size, 1))
-    for start in range(0, len(base), step):
-        np.take(flat, base[start : start + step, None] + window[None, :], out=out[start : start + step])
-    return out.reshape(len(base), c, kh, kw)
+    (dh, dw) = geometry.dilations
+    channels = np.arange(c) if channels is None else np.asarray(channels, dtype=np.int64)
+    ys = at.top[:, None].astype(np.int64) + np.arange(kh) * dh  # (S, kh), padding: outside [0, h)
+    xs = at.left[:, None].astype(np.int64) + np.arange(kw) * dw
+    inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]  # (S, kh, kw)
+    spot = (np.clip(ys, 0, h - 1) * w)[:, :, None] + np.clip(xs, 0, w - 1)[:, None, :]
+    spot += (at.row.astype(np.int64) * (c * h * w))[:, None, None]
+    per_channel = channels * (h * w)
+    flat = x.reshape(-1)
+    out = np.empty((len(spot), len(channels), kh, kw), dtype=x.dtype)
+    step = max(1, _GATHER_ELEMENTS // max(len(channels) * kh * kw, 1))
+    for start in range(0, len(spot), step):
+        block = slice(start, start + step)
+        np.take(flat, spot[block, None] + per_channel[None, :, None, None], out=out[block])
+    if not inside.all():
+        np.copyto(out, 0, where=~inside[:, None])
+    return out
 
 
 def linear_positions(rows: int, units: int, per_row: int, rng: np.random.Generator) -> Positions:

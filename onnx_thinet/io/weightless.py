@@ -105,7 +105,7 @@ class SessionModel:
             tensor.external_data.add(key="length", value=str(array.nbytes))
         self.data = light.SerializeToString()
 
-    def session(self, options, providers: list[str]):
+    def session(self, options, providers: list):
         """An InferenceSession on these weights (`options` gains them; use it for one session)."""
         import onnxruntime as ort
 
