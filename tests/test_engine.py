@@ -182,3 +182,29 @@ def test_reference_keeps_what_later_passes_read_behind_a_skip(tmp_path, monkeypa
     # rest and the decoder below it); recomputing from the input each pass costs about twice that
     assert sum(sizes) < 4 * convs, sizes
     assert result.verification.rel_error < 1.0
+
+
+@pytest.mark.parametrize("per_image", [3, 200])
+@pytest.mark.parametrize("attrs", [
+    {"pads": [1, 1, 1, 1]},
+    {"pads": [0, 2, 1, 0], "strides": [2, 1], "dilations": [2, 1]},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+])
+def test_conv_windows_match_a_padded_copy(attrs, per_image):
+    """`conv_patches` (no padded copy, a channel subset) against slicing a zero-padded input."""
+    from onnx_thinet.calibration.collect import _conv_geometry, conv_patches, conv_positions
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 5, 7, 9)).astype(np.float32)
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 2], **attrs)
+    geometry = _conv_geometry(node, x.shape, (4, 5, 3, 2))
+    at = conv_positions(3, 4, geometry, per_image, rng)
+    channels = np.array([0, 2, 3])
+    got = conv_patches(x, (4, 3, 3, 2), geometry, at, channels=channels)
+    (dh, dw), (ph, pw) = geometry.dilations, geometry.pads_begin
+    padded = np.pad(x[:, channels], ((0, 0), (0, 0), (ph, 8), (pw, 8)))
+    for s in range(len(at.row)):
+        top, left = at.top[s] + ph, at.left[s] + pw
+        want = padded[at.row[s], :, top : top + 3 * dh : dh, left : left + 2 * dw : dw]
+        np.testing.assert_array_equal(got[s], want)
+    np.testing.assert_array_equal(conv_patches(x, (4, 5, 3, 2), geometry, at)[:, channels], got)

@@ -462,30 +462,36 @@ def conv_patches(x: np.ndarray, weight_shape, geometry: ConvGeometry, at: Positi
     """The input windows (S, C_in, kh, kw) under sampled outputs, zero padding included, of
     all input channels or of `channels` alone.
 
-    Each block of windows is one flat gather from the unpadded input, positions in the padding
-    clipped and zeroed afterwards: no copy of the activation (a padded copy of VGG-16's first
-    activations is 0.4 GB per batch), work in proportion to the samples.
+    No padded copy of the activation (0.4 GB per batch on VGG-16's first layers): places in the
+    padding are clipped, gathered and zeroed; the work is in proportion to the windows.
     """
     if x.ndim == 3:
         x = x[:, :, None, :]
     _, c, h, w = x.shape
     kh, kw = (1, weight_shape[2]) if len(weight_shape) == 3 else tuple(weight_shape[2:])
     (dh, dw) = geometry.dilations
-    channels = np.arange(c) if channels is None else np.asarray(channels, dtype=np.int64)
     ys = at.top[:, None].astype(np.int64) + np.arange(kh) * dh  # (S, kh), padding: outside [0, h)
     xs = at.left[:, None].astype(np.int64) + np.arange(kw) * dw
     inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]  # (S, kh, kw)
-    spot = (np.clip(ys, 0, h - 1) * w)[:, :, None] + np.clip(xs, 0, w - 1)[:, None, :]
-    spot += (at.row.astype(np.int64) * (c * h * w))[:, None, None]
+    pixel = (np.clip(ys, 0, h - 1) * w)[:, :, None] + np.clip(xs, 0, w - 1)[:, None, :]
+    pixel += (at.row.astype(np.int64) * (h * w))[:, None, None]  # index into the N·H·W places
+    out = _gather_elements(x, pixel, np.arange(c) if channels is None else np.asarray(channels, np.int64))
+    if not inside.all():
+        np.copyto(out, 0, where=~inside[:, None])
+    return out
+
+
+def _gather_elements(x: np.ndarray, pixel: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """Windows one element at a time from the flat input, in blocks, (S, C, kh, kw)."""
+    n, c, h, w = x.shape
+    spot = pixel + (pixel // (h * w)) * ((c - 1) * h * w)  # image offsets count every channel
     per_channel = channels * (h * w)
     flat = x.reshape(-1)
-    out = np.empty((len(spot), len(channels), kh, kw), dtype=x.dtype)
-    step = max(1, _GATHER_ELEMENTS // max(len(channels) * kh * kw, 1))
+    out = np.empty((len(spot), len(channels), *spot.shape[1:]), dtype=x.dtype)
+    step = max(1, _GATHER_ELEMENTS // max(out[0].size, 1))
     for start in range(0, len(spot), step):
         block = slice(start, start + step)
         np.take(flat, spot[block, None] + per_channel[None, :, None, None], out=out[block])
-    if not inside.all():
-        np.copyto(out, 0, where=~inside[:, None])
     return out
 
 
