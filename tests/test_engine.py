@@ -192,12 +192,12 @@ def test_reference_keeps_what_later_passes_read_behind_a_skip(tmp_path, monkeypa
 ])
 def test_conv_windows_match_a_padded_copy(attrs, per_image):
     """`conv_patches` (no padded copy, a channel subset) against slicing a zero-padded input."""
-    from onnx_thinet.calibration.collect import _conv_geometry, conv_patches, conv_positions
+    from onnx_thinet.calibration.windows import conv_geometry, conv_patches, conv_positions
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 5, 7, 9)).astype(np.float32)
     node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 2], **attrs)
-    geometry = _conv_geometry(node, x.shape, (4, 5, 3, 2))
+    geometry = conv_geometry(node, x.shape, (4, 5, 3, 2))
     at = conv_positions(3, 4, geometry, per_image, rng)
     channels = np.array([0, 2, 3])
     got = conv_patches(x, (4, 3, 3, 2), geometry, at, channels=channels)

@@ -20,6 +20,14 @@ from onnx import helper, numpy_helper
 
 from onnx_thinet.calibration.linear import LinearChannelMoments, channel_positions
 from onnx_thinet.calibration.segments import SegmentRunner
+from onnx_thinet.calibration.windows import (
+    conv_contributions,
+    conv_geometry,
+    conv_patches,
+    conv_positions,
+    linear_contributions,
+    linear_positions,
+)
 from onnx_thinet.channels.layout import ChannelGroup, Consumer, channel_indicator, removed_positions
 from onnx_thinet.solve.solvers import FitMoments, FitSamples
 
@@ -27,11 +35,6 @@ __all__ = [
     "ConsumerStats",
     "RefitStats",
     "channel_statistics",
-    "conv_patches",
-    "conv_contributions",
-    "conv_positions",
-    "linear_contributions",
-    "linear_positions",
     "refit_statistics",
     "samples_per_image",
 ]
@@ -260,7 +263,7 @@ def _sampler(consumer: Consumer, node, x_shape, weight, count: int, rng):
     if consumer.kind.windowed:
         view = _conv_view(consumer, node)
         conv_node, shape = view.node, view.shape(x_shape)
-        geometry = _conv_geometry(conv_node, shape, weight.shape)
+        geometry = conv_geometry(conv_node, shape, weight.shape)
         positions = conv_positions(x_shape[0], weight.shape[0], geometry, count, rng)
         return lambda x, w: conv_contributions(view.input(x), w, geometry, positions)
     rows = int(np.prod(x_shape[:-1], dtype=np.int64))
@@ -297,7 +300,7 @@ def _conv_refit_rows(node, x, ref_x, weight, bias, images: int, rng, kept: np.nd
     """Windows of the `kept` input channels and the reference conv's outputs at the same places."""
     kept_shape = (weight.shape[0], len(kept), *weight.shape[2:])
     dims = int(np.prod(kept_shape[1:]))
-    geometry = _conv_geometry(node, x.shape, kept_shape)
+    geometry = conv_geometry(node, x.shape, kept_shape)
     places = int(np.prod(geometry.out_size))
     per_image = min(places, max(10, math.ceil(20 * dims / max(images, 1))))
     at = conv_positions(x.shape[0], 1, geometry, per_image, rng)
@@ -373,137 +376,6 @@ def _consumer_weight(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray:
         return np.ascontiguousarray(weight)
     alpha = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "alpha"), 1.0)
     return weight if alpha == 1.0 else weight * np.float32(alpha)
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    strides: tuple[int, int]
-    dilations: tuple[int, int]
-    pads_begin: tuple[int, int]
-    out_size: tuple[int, int]
-
-
-def _conv_geometry(node: onnx.NodeProto, x_shape, w_shape) -> ConvGeometry:
-    """Strides, dilations, explicit begin pads and output size of a 1-D or 2-D Conv."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    spatial = len(w_shape) - 2
-    strides = list(attrs.get("strides", [1] * spatial))
-    dilations = list(attrs.get("dilations", [1] * spatial))
-    kernel = list(w_shape[2:])
-    size = list(x_shape[2:])
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    pads = list(attrs.get("pads", [0] * (2 * spatial)))
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * (2 * spatial)
-        for i in range(spatial):
-            out = -(-size[i] // strides[i])
-            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size[i], 0)
-            small = total // 2
-            pads[i], pads[i + spatial] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
-    elif auto_pad == "VALID":
-        pads = [0] * (2 * spatial)
-    out_size = [
-        (size[i] + pads[i] + pads[i + spatial] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
-        for i in range(spatial)
-    ]
-    if spatial == 1:
-        return ConvGeometry((1, strides[0]), (1, dilations[0]), (0, pads[0]), (1, out_size[0]))
-    return ConvGeometry(tuple(strides), tuple(dilations), (pads[0], pads[1]), tuple(out_size))
-
-
-@dataclass(frozen=True)
-class Positions:
-    """Sampled outputs: for each sample its row (image), output unit and, for convs, window."""
-
-    row: np.ndarray
-    unit: np.ndarray
-    top: np.ndarray | None = None
-    left: np.ndarray | None = None
-
-
-def conv_positions(
-    images: int, filters: int, geometry: ConvGeometry, per_image: int, rng: np.random.Generator
-) -> Positions:
-    row = np.repeat(np.arange(images), per_image)
-    oh, ow = geometry.out_size
-    return Positions(
-        row=row,
-        unit=rng.integers(0, filters, size=row.size),
-        top=rng.integers(0, oh, size=row.size) * geometry.strides[0] - geometry.pads_begin[0],
-        left=rng.integers(0, ow, size=row.size) * geometry.strides[1] - geometry.pads_begin[1],
-    )
-
-
-def conv_contributions(
-    x: np.ndarray, weight: np.ndarray, geometry: ConvGeometry, at: Positions
-) -> np.ndarray:
-    """x̂ per input channel at sampled (filter, location) outputs of a group=1 Conv.
-
-    Returns (S, C_in): Σ over the kernel window of W[f, c] · x[c, window], zero padding
-    included, so each row sums to the conv output minus bias.
-    """
-    patches = conv_patches(x, weight.shape, geometry, at)
-    weight = weight.reshape(weight.shape[0], weight.shape[1], -1)
-    patches = patches.reshape(len(patches), patches.shape[1], -1)
-    out = np.empty(patches.shape[:2], np.float64)
-    step = max(1, _GATHER_ELEMENTS // max(patches.shape[1] * patches.shape[2], 1))
-    for start in range(0, len(patches), step):
-        rows = slice(start, start + step)
-        out[rows] = np.einsum("sck,sck->sc", patches[rows], weight[at.unit[rows]])
-    return out
-
-
-_GATHER_ELEMENTS = 1 << 22  # gathered entries per block (int64 indices: 32 MB)
-
-
-def conv_patches(x: np.ndarray, weight_shape, geometry: ConvGeometry, at: Positions,
-                 channels: np.ndarray | None = None) -> np.ndarray:
-    """The input windows (S, C_in, kh, kw) under sampled outputs, zero padding included, of
-    all input channels or of `channels` alone.
-
-    No padded copy of the activation (0.4 GB per batch on VGG-16's first layers): places in the
-    padding are clipped, gathered and zeroed; the work is in proportion to the windows.
-    """
-    if x.ndim == 3:
-        x = x[:, :, None, :]
-    _, c, h, w = x.shape
-    kh, kw = (1, weight_shape[2]) if len(weight_shape) == 3 else tuple(weight_shape[2:])
-    (dh, dw) = geometry.dilations
-    ys = at.top[:, None].astype(np.int64) + np.arange(kh) * dh  # (S, kh), padding: outside [0, h)
-    xs = at.left[:, None].astype(np.int64) + np.arange(kw) * dw
-    inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]  # (S, kh, kw)
-    pixel = (np.clip(ys, 0, h - 1) * w)[:, :, None] + np.clip(xs, 0, w - 1)[:, None, :]
-    pixel += (at.row.astype(np.int64) * (h * w))[:, None, None]  # index into the N·H·W places
-    out = _gather_elements(x, pixel, np.arange(c) if channels is None else np.asarray(channels, np.int64))
-    if not inside.all():
-        np.copyto(out, 0, where=~inside[:, None])
-    return out
-
-
-def _gather_elements(x: np.ndarray, pixel: np.ndarray, channels: np.ndarray) -> np.ndarray:
-    """Windows one element at a time from the flat input, in blocks, (S, C, kh, kw)."""
-    n, c, h, w = x.shape
-    spot = pixel + (pixel // (h * w)) * ((c - 1) * h * w)  # image offsets count every channel
-    per_channel = channels * (h * w)
-    flat = x.reshape(-1)
-    out = np.empty((len(spot), len(channels), *spot.shape[1:]), dtype=x.dtype)
-    step = max(1, _GATHER_ELEMENTS // max(out[0].size, 1))
-    for start in range(0, len(spot), step):
-        block = slice(start, start + step)
-        np.take(flat, spot[block, None] + per_channel[None, :, None, None], out=out[block])
-    return out
-
-
-def linear_positions(rows: int, units: int, per_row: int, rng: np.random.Generator) -> Positions:
-    row = np.repeat(np.arange(rows), per_row)
-    return Positions(row=row, unit=rng.integers(0, units, size=row.size))
-
-
-def linear_contributions(a: np.ndarray, weight: np.ndarray, at: Positions) -> np.ndarray:
-    """x̂_k = a[row, k] · W[k, f] at the sampled (row, unit) outputs; (S, K)."""
-    rows = a.reshape(-1, a.shape[-1]).astype(np.float64)
-    return rows[at.row] * weight[:, at.unit].T
 
 
 def _count_zeros(entry: ConsumerStats, x: np.ndarray, axis: int, indicator: np.ndarray) -> None:
