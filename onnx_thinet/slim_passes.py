@@ -9,6 +9,7 @@ import onnx
 
 from onnx_thinet.calibration.collect import channel_statistics, refit_statistics
 from onnx_thinet.calibration.plan import MemoryPlan
+from onnx_thinet.calibration.runtime import ONNXRUNTIME_ERRORS
 from onnx_thinet.calibration.segments import (
     Batching,
     NodeIndex,
@@ -19,7 +20,7 @@ from onnx_thinet.calibration.segments import (
 from onnx_thinet.calibration.store import ActivationStore
 from onnx_thinet.channels.analysis import analyze
 from onnx_thinet.channels.layout import ChannelGroup, Segment, channel_indicator, removed_positions
-from onnx_thinet.errors import InternalError
+from onnx_thinet.errors import InternalError, ThinetError, one_line
 from onnx_thinet.io.data import CalibrationData
 from onnx_thinet.io.graph import infer_shapes
 from onnx_thinet.rewrite.surgery import apply_selection, initializer_array, initializer_dims
@@ -120,7 +121,14 @@ def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_prog
         if missing:
             raise InternalError(f"{', '.join(missing)} no longer prunable after earlier cuts")
         wave = [fresh[g.producer] for g in planned]
-        applied = _prune_wave(engine, current, wave, config, rng, kept_outputs, advance, results)
+        try:
+            applied = _prune_wave(engine, current, wave, config, rng, kept_outputs, advance, results)
+        except ONNXRUNTIME_ERRORS as exc:
+            if pass_index:
+                raise
+            # nothing is pruned yet: onnxruntime cannot run the input model itself
+            raise ThinetError("onnxruntime cannot run this model on the calibration data, and slimming "
+                              f"runs it to calibrate: {one_line(exc)}") from None
         clock = time.perf_counter()
         current = infer_shapes(current, in_place=True)
         _forget_changed(engine, current, applied, _touched(g for later in waves[pass_index + 1:] for g in later))

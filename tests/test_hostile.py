@@ -280,3 +280,14 @@ def test_image_folder_with_only_corrupt_images_is_refused(tmp_path, net):
     (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     (folder / "b.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 20)
     _expect_refusal(tmp_path, net, folder, "none of the 2 image files can be decoded")
+
+
+def test_a_model_onnxruntime_cannot_run_is_refused_in_one_line(tmp_path):
+    """Conv with SAME_UPPER padding and dilation 2: valid ONNX, but onnxruntime's kernel refuses it."""
+    net = builders.Net(1)
+    h = net.node("Relu", [net.conv("x", "c1", 3, 8, pads=None, auto_pad="SAME_UPPER", dilations=[2, 2])], "r1")
+    net.conv(h, "c2", 8, 4)
+    model = net.model(["N", 3, 16, 16], "c2", ["N", 4, 16, 16])
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32))
+    _expect_refusal(tmp_path, tmp_path / "m.onnx", tmp_path / "calib.npy", "onnxruntime cannot run this model")

@@ -14,6 +14,7 @@ from onnx_thinet.io.graph import graph_inputs
 from onnx_thinet.io.weightless import session_model
 
 __all__ = [
+    "ONNXRUNTIME_ERRORS",
     "make_session",
     "providers_for",
     "run_model",
@@ -24,6 +25,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _warned: set[str] = set()  # one fallback warning per reason and process
+
+# What onnxruntime raises when it cannot load or run a graph (its own classes, not RuntimeError).
+ONNXRUNTIME_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name in (
+    "Fail", "InvalidArgument", "NotImplemented", "RuntimeException", "InvalidGraph", "EPFail"))
 
 
 def providers_for(device: str) -> list[str]:
@@ -52,7 +57,7 @@ def make_session(model: onnx.ModelProto, device: str = "cpu") -> ort.InferenceSe
     The large weights reach onnxruntime as in-memory external initializers, never serialized.
     """
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # a failure reaches the caller as an exception, not a log line
     # Sessions here are many and short: the CPU arena never shrinks and the outputs we store
     # pin it (ResNet-50, 256 images: 4.5 GB peak with it, 2.5 GB without), and prepacked
     # copies of the weights cost more to build (VGG-16: 1.3 s of a 1.9 s start) than they save.
