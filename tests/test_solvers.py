@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from onnx_thinet.solve.baselines import select_apoz, select_l1, select_lasso, select_random
 from onnx_thinet.solve.solvers import (
     RIDGE_GRID,
     FitMoments,
@@ -16,10 +17,6 @@ from onnx_thinet.solve.solvers import (
     refit_error,
     refit_least_squares,
     rescale_least_squares,
-    select_apoz,
-    select_l1,
-    select_lasso,
-    select_random,
     select_thinet,
     select_thinet_ls,
 )

@@ -28,12 +28,8 @@ import onnx
 
 
 def bench_select(channels: int, samples: int, repeats: int) -> dict:
-    from onnx_thinet.solve.solvers import (
-        rescale_least_squares,
-        select_lasso,
-        select_thinet,
-        select_thinet_ls,
-    )
+    from onnx_thinet.solve.baselines import select_lasso
+    from onnx_thinet.solve.solvers import rescale_least_squares, select_thinet, select_thinet_ls
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((samples, channels)).astype(np.float32) * rng.uniform(0.1, 2, channels)

@@ -11,16 +11,13 @@ import numpy as np
 from onnx_thinet.calibration.collect import ConsumerStats
 from onnx_thinet.channels.layout import ChannelGroup, Consumer, removed_positions
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.solve.baselines import select_apoz, select_l1, select_lasso, select_random
 from onnx_thinet.solve.solvers import (
     choose_ridge,
     reconstruction_error,
     refit_error,
     refit_least_squares,
     rescale_least_squares,
-    select_apoz,
-    select_l1,
-    select_lasso,
-    select_random,
     select_thinet,
     select_thinet_ls,
 )
@@ -63,7 +60,7 @@ def choose_channels(
     group: ChannelGroup,
     stats: Mapping[str, ConsumerStats],
     keep: int,
-    filter_l1: np.ndarray,
+    filter_l1: np.ndarray | None,
     rng: np.random.Generator,
     ridge: float | None = None,
 ) -> Selection:
@@ -75,7 +72,7 @@ def choose_channels(
 
 
 def select_channels(method: str, group: ChannelGroup, stats: Mapping[str, ConsumerStats], keep: int,
-                    filter_l1: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+                    filter_l1: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
     """The `keep` input channels `method` picks (several consumers: their samples stacked)."""
     if method not in METHODS:
         raise ThinetError(f"method must be one of {', '.join(METHODS)} (got {method!r})", params=("method",))

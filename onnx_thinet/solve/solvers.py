@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import linalg
 
-from onnx_thinet.solve.baselines import select_apoz, select_l1, select_lasso, select_random
-
 __all__ = [
     "RIDGE_GRID",
     "FitMoments",
@@ -25,10 +23,6 @@ __all__ = [
     "refit_error",
     "refit_least_squares",
     "rescale_least_squares",
-    "select_apoz",
-    "select_l1",
-    "select_lasso",
-    "select_random",
     "select_thinet",
     "select_thinet_ls",
 ]
@@ -390,7 +384,7 @@ def choose_ridge(
     errors = np.zeros(len(grid))
     for train, test in ((folds[0], folds[1]), (folds[1], folds[0])):
         g, c = _centered(train, columns, intercept, scored)
-        base = np.zeros_like(c) if prior is None else prior[columns][:, scored]
+        base = np.zeros_like(c) if prior is None else prior[np.ix_(columns, scored)]
         values, vectors = _scoring_eigh(g)
         floor = max(float(values.max()), 1e-30) * 1e-12
         projected = vectors.T @ (c - g @ base)
