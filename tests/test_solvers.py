@@ -12,6 +12,7 @@ from onnx_thinet.solve.solvers import (
     RIDGE_GRID,
     FitMoments,
     choose_ridge,
+    descend_grid,
     keep_count,
     reconstruction_error,
     refit_error,
@@ -235,3 +236,38 @@ def test_refit_on_duplicated_channels_stays_near_the_prior(seed):
     design = np.hstack([p, np.ones((400, 1))]).astype(np.float64)
     best = np.linalg.norm(t - design @ np.linalg.lstsq(design, t, rcond=None)[0]) / np.linalg.norm(t)
     assert refit_error(moments, cols, w, b) < 1.01 * best  # only the rounding directions are left unfit
+
+
+@pytest.mark.parametrize("errors, best", [
+    ([5, 4, 3, 2, 1, 2, 3, 4, 5], 4),
+    ([9, 7, 5, 3, 2, 1, 0.5, 0.7, 3], 6),
+    ([0, 1e-9, 1, 2, 3, 4, 5, 6, 7], 0),  # an exact fit: ridge 0
+    ([9, 8, 7, 6, 5, 4, 3, 2, 1], 8),  # plain slicing
+    ([3, 2, 1, 1, 1, 1, 4, 5, 6], 2),  # ties keep the smaller ridge
+])
+def test_descending_the_grid_finds_the_minimum_of_a_valley_with_fewer_solves(errors, best):
+    calls = []
+
+    def error(k):
+        calls.append(k)
+        return errors[k]
+
+    assert descend_grid(error, len(errors)) == best
+    assert len(set(calls)) == len(calls)  # each ridge solved once
+    assert len(calls) <= abs(best - len(errors) // 2) + 3
+
+
+def test_small_problems_run_on_one_blas_thread_and_large_ones_on_the_callers():
+    from threadpoolctl import threadpool_info
+
+    from onnx_thinet.solve.threads import PARALLEL_UNKNOWNS, blas_threads_for
+
+    def threads():
+        return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    before = threads()
+    with blas_threads_for(PARALLEL_UNKNOWNS - 1):
+        assert set(threads().values()) == {1}
+    assert threads() == before
+    with blas_threads_for(PARALLEL_UNKNOWNS):
+        assert threads() == before

@@ -30,6 +30,7 @@ from onnx_thinet.calibration.windows import (
 )
 from onnx_thinet.channels.layout import ChannelGroup, Consumer, channel_indicator, removed_positions
 from onnx_thinet.solve.solvers import FitMoments, FitSamples
+from onnx_thinet.solve.threads import blas_threads_for
 
 __all__ = [
     "ConsumerStats",
@@ -113,6 +114,9 @@ class RefitStats:
         return self.folds[0] + self.folds[1]
 
 
+REFIT_ROWS_PER_UNKNOWN = 20  # sampled windows per refit unknown, over the calibration set
+
+
 def samples_per_image(channels: int, images: int, requested: int | None) -> int:
     """Enough samples for a well-posed fit: ≥ 10 per image (the paper) and ≥ 20× the channels."""
     if requested:
@@ -163,8 +167,9 @@ def channel_statistics(
                 entry, x = stats[group.producer][consumer.node], values[consumer.input]
                 ref_x, ref_weight = ref_values.get(consumer.input), ref_weights.get(consumer.node)
                 if consumer.kind.windowed:
-                    _add_channel_samples(entry, group.channels, consumer, nodes[consumer.node], x,
-                                         weights[consumer.node], ref_x, ref_weight, count, rng, zero_counts)
+                    with blas_threads_for(group.channels):
+                        _add_channel_samples(entry, group.channels, consumer, nodes[consumer.node], x,
+                                             weights[consumer.node], ref_x, ref_weight, count, rng, zero_counts)
                     continue
                 key = (group.producer, consumer.node)
                 if key not in exact:
@@ -249,8 +254,10 @@ def refit_statistics(
             ref_x = source.get(consumer.input, batch) if reference is not None else x
             axis = consumer.kind.channel_axis(x.ndim)
             lost = removed_positions(consumer.weight.layout, kept, group.channels, x.shape[axis])
-            _add_refit(stats[consumer.node], consumer, nodes[consumer.node], x, ref_x, weights[consumer.node],
-                       biases[consumer.node], lost, images, rng, first)
+            window = int(np.prod(weights[consumer.node].shape[2:])) if consumer.kind.windowed else 1
+            with blas_threads_for((x.shape[axis] - len(lost)) * window):  # the refit's unknowns
+                _add_refit(stats[consumer.node], consumer, nodes[consumer.node], x, ref_x, weights[consumer.node],
+                           biases[consumer.node], lost, images, rng, first)
 
 
 def _reference_weights(model, consumers, kept_outputs) -> dict[str, np.ndarray]:
@@ -302,7 +309,7 @@ def _conv_refit_rows(node, x, ref_x, weight, bias, images: int, rng, kept: np.nd
     dims = int(np.prod(kept_shape[1:]))
     geometry = conv_geometry(node, x.shape, kept_shape)
     places = int(np.prod(geometry.out_size))
-    per_image = min(places, max(10, math.ceil(20 * dims / max(images, 1))))
+    per_image = min(places, max(10, math.ceil(REFIT_ROWS_PER_UNKNOWN * dims / max(images, 1))))
     at = conv_positions(x.shape[0], 1, geometry, per_image, rng)
     inputs = conv_patches(x, kept_shape, geometry, at, channels=kept).reshape(len(at.row), -1)
     ref_inputs = conv_patches(ref_x, weight.shape, geometry, at).reshape(len(at.row), -1)

@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_thinet.calibration.runtime import make_session
+from onnx_thinet.calibration.batch_axis import runs_per_sample
+from onnx_thinet.calibration.runtime import ONNXRUNTIME_ERRORS, make_session
 from onnx_thinet.calibration.store import ActivationStore
 from onnx_thinet.io.data import CalibrationData
 from onnx_thinet.io.graph import graph_inputs
@@ -84,12 +85,13 @@ class SegmentRunner:
                          and i not in graph.initializers})
         session = make_session(_segment_model(model, nodes, inputs, outputs), self.device)
         graph_feeds = set(graph.inputs)
+        whole = self.batching.run_size is not None and runs_per_sample(nodes, model)
         for batch in range(self.batching.count):
             clock = time.perf_counter()
             feeds = self._feeds(batch, inputs, graph_feeds)
             self.timings["io"] = self.timings.get("io", 0.0) + time.perf_counter() - clock
             clock = time.perf_counter()
-            values = self._run(session, outputs, feeds)
+            values = self._run(session, outputs, feeds, whole)
             self.timings["onnxruntime"] = self.timings.get("onnxruntime", 0.0) + time.perf_counter() - clock
             for name, value in zip(outputs, values):
                 self.store.put(name, batch, value)
@@ -146,12 +148,21 @@ class SegmentRunner:
                 feeds[name] = self.store.get(name, batch)
         return {k: v for k, v in feeds.items() if k in inputs}
 
-    def _run(self, session, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run one batch; a model with a fixed batch runs it in pieces, the last one padded."""
+    def _run(self, session, outputs: list[str], feeds: dict[str, np.ndarray],
+             whole: bool = False) -> list[np.ndarray]:
+        """Run one batch; a model with a fixed batch runs it in pieces, the last one padded,
+        unless the segment computes each image alone (`whole`, see `runs_per_sample`)."""
         rows = len(next(iter(feeds.values())))
         step = self.batching.run_size
         if step is None or rows == step:
             return session.run(outputs, feeds)
+        if whole:
+            try:
+                values = session.run(outputs, feeds)
+            except ONNXRUNTIME_ERRORS:  # the table above was wrong about a node: run in pieces
+                values = []
+            if values and all(v.ndim and len(v) == rows for v in values):
+                return values
         pieces = []
         for start in range(0, rows, step):
             piece = {k: v[start : start + step] for k, v in feeds.items()}

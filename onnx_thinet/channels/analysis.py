@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 from dataclasses import dataclass
 
@@ -337,7 +338,10 @@ def _walk(
     steps: list[Through] = []
     consumers: list[Consumer] = []
     path: list[str] = []
-    for node in index.model.graph.node[index.position(producer) + 1 :]:
+    readers = _ReadersInOrder(index, after=index.position(producer))
+    for tensor in flows:
+        readers.add(tensor)
+    for node in readers:
         inputs = {k: flows[name] for k, name in enumerate(node.input) if name in flows}
         if node.name in own:
             if inputs:
@@ -358,6 +362,7 @@ def _walk(
         steps.append(step)
         for out in step.outputs:
             flows[out.tensor] = out
+            readers.add(out.tensor)
     reached_output = next((t for t in flows if t in index.graph_outputs), None)
     if reached_output is not None:
         return Skipped(name, reached_output, f"channels reach graph output {reached_output!r}")
@@ -375,6 +380,30 @@ def _walk(
         path=tuple(path),
         producers=tuple(p.name for p in producers),
     )
+
+
+class _ReadersInOrder:
+    """The nodes after position `after` that read tensors `add`ed so far, in graph order.
+
+    Iterating while adding is the point: a walk visits only the nodes its channels reach, not
+    every later node of the graph (a 109-conv U-Net: 1.4 million input checks per analysis).
+    """
+
+    def __init__(self, index: GraphIndex, after: int):
+        self.index, self.after = index, after
+        self.queue: list[int] = []
+        self.queued: set[int] = set()
+
+    def add(self, tensor: str) -> None:
+        for pos in self.index.reader_positions.get(tensor, ()):
+            if pos > self.after and pos not in self.queued:
+                self.queued.add(pos)
+                heapq.heappush(self.queue, pos)
+
+    def __iter__(self):
+        nodes = self.index.model.graph.node
+        while self.queue:
+            yield nodes[heapq.heappop(self.queue)]
 
 
 _DATA_MOVES = {"Identity", "Cast", "Slice", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Pad"}

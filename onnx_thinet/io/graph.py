@@ -287,6 +287,7 @@ def _optimize_ort_basic(model: onnx.ModelProto) -> onnx.ModelProto:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.optimized_model_filepath = out
         opts.log_severity_level = 4
+        opts.add_session_config_entry("session.disable_prepacking", "1")  # never runs: packing is waste
         session_model(model).session(opts, ["CPUExecutionProvider"])  # writes `out`, weights inline
         optimized = onnx.load(out)
     if any(n.domain not in ("", "ai.onnx") for n in optimized.graph.node):
@@ -410,6 +411,7 @@ class GraphIndex:
     shapes: dict[str, tuple[int | str | None, ...]] = field(default_factory=dict)
     graph_outputs: set[str] = field(default_factory=set)
     order: dict[str, int] = field(default_factory=dict)
+    reader_positions: dict[str, list[int]] = field(default_factory=dict)  # graph order of each tensor's readers
     _values: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -424,6 +426,7 @@ class GraphIndex:
             for k, name in enumerate(node.input):
                 if name:
                     index.uses.setdefault(name, []).append((node, k))
+                    index.reader_positions.setdefault(name, []).append(pos)
         index.initializers = {t.name: t for t in graph.initializer}
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
             shape = tensor_shape(vi)

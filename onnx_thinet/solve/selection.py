@@ -21,6 +21,7 @@ from onnx_thinet.solve.solvers import (
     select_thinet,
     select_thinet_ls,
 )
+from onnx_thinet.solve.threads import blas_threads_for
 
 __all__ = [
     "METHODS",
@@ -77,7 +78,8 @@ def select_channels(method: str, group: ChannelGroup, stats: Mapping[str, Consum
     if method not in METHODS:
         raise ThinetError(f"method must be one of {', '.join(METHODS)} (got {method!r})", params=("method",))
     total = reduce(ConsumerStats.merged, stats.values())
-    return _select(method, total, keep, filter_l1, rng)
+    with blas_threads_for(total.channels):
+        return _select(method, total, keep, filter_l1, rng)
 
 
 def reconstruct_channels(reconstruct: str, group: ChannelGroup, stats: Mapping[str, ConsumerStats],
@@ -121,14 +123,12 @@ def _refit_consumers(group: ChannelGroup, stats, kept: np.ndarray, before: float
             raise ValueError(f"no refit statistics for {consumer.node}")
         columns = _refit_columns(consumer, group.channels, refit, kept)
         intercept = consumer.bias_index is not None
-        if ridge is None:
-            chosen = choose_ridge(refit.folds, columns, intercept, prior=refit.prior)
-        else:
-            chosen = ridge
-        moments = refit.total
-        matrix, bias = refit_least_squares(moments, columns, intercept=intercept, ridge=chosen,
-                                           prior=refit.prior)
-        error = refit_error(moments, columns, matrix, bias)
+        with blas_threads_for(len(columns)):
+            chosen = choose_ridge(refit.folds, columns, intercept, prior=refit.prior) if ridge is None else ridge
+            moments = refit.total
+            matrix, bias = refit_least_squares(moments, columns, intercept=intercept, ridge=chosen,
+                                               prior=refit.prior)
+            error = refit_error(moments, columns, matrix, bias)
         squared += error**2 * moments.target_sq
         total += moments.target_sq
         refits[consumer.node] = Refit(matrix, bias if intercept else None, chosen)

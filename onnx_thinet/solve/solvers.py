@@ -18,6 +18,7 @@ __all__ = [
     "FitMoments",
     "FitSamples",
     "choose_ridge",
+    "descend_grid",
     "keep_count",
     "reconstruction_error",
     "refit_error",
@@ -256,7 +257,7 @@ def _choose_ridge_dual(folds, columns, intercept: bool, prior, grid) -> float:
         for k, ridge in enumerate(grid):
             pred = fixed + across @ (_dual_gain(values, ridge, mean_var)[:, None] * projected)
             errors[k] += float(np.sum(pred * pred))
-    return float(grid[int(np.argmin(errors))])
+    return float(grid[descend_grid(lambda k: errors[k], len(grid))])  # as the moment path walks
 
 
 def _centered(m: FitMoments, columns: np.ndarray, intercept: bool,
@@ -286,17 +287,7 @@ def _eigh(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return linalg.eigh(g, driver="evd")
 
 
-def _scoring_eigh(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigen-pairs to score the ridge grid with: float32 on layers with ≥ 1,024 unknowns (1.7x
-    faster; the grid's ridges, 1e-3 of the mean variance and up, are far above float32's
-    rounding), float64 below, where planted redundancy must score exactly 0 at ridge 0."""
-    if len(g) < FLOAT32_DIMS:
-        return _eigh(g)
-    values, vectors = linalg.eigh(g.astype(np.float32), driver="evd")
-    return values.astype(np.float64), vectors.astype(np.float64)
-
-
-FLOAT32_DIMS = 1024  # layers with fewer unknowns (the exactness oracles') stay float64
+FLOAT32_DIMS = 1024  # moment blocks of layers with fewer unknowns (the exactness oracles') stay float64
 
 
 def _floored_solve(g: np.ndarray, rhs: np.ndarray, penalty: float) -> np.ndarray:
@@ -306,8 +297,10 @@ def _floored_solve(g: np.ndarray, rhs: np.ndarray, penalty: float) -> np.ndarray
     if penalty >= 1e-10 * max(float(np.trace(g)), 0.0) > 0.0:
         # every eigenvalue plus the penalty clears the floor (the largest is at most the
         # trace): the floored solve is the plain one, and a Cholesky factor is 10x an eigh
+        shifted = g.copy()
+        shifted.flat[:: len(g) + 1] += penalty
         try:
-            return linalg.cho_solve(linalg.cho_factor(g + penalty * np.eye(len(g)), lower=True), rhs)
+            return linalg.cho_solve(linalg.cho_factor(shifted, lower=True, overwrite_a=True), rhs)
         except linalg.LinAlgError:
             pass
     values, vectors = _eigh(g)
@@ -373,7 +366,8 @@ def choose_ridge(
 
     An exact fit (planted redundancy) scores 0 at ridge 0 and keeps it; a fit from a few
     hundred noisy images is pulled toward `prior` as far as helps on images it did not see
-    (the largest ridge is plain slicing with a bias correction).
+    (the largest ridge is plain slicing with a bias correction). The grid is walked downhill
+    from its middle (`descend_grid`), each ridge scored with the solve the refit itself uses.
     """
     columns = np.asarray(columns, dtype=np.int64)
     if min(f.count for f in folds) <= 1:
@@ -381,22 +375,67 @@ def choose_ridge(
     if isinstance(folds[0], FitSamples):
         return _choose_ridge_dual(folds, columns, intercept, prior, grid)
     scored = scored_outputs(folds[0].outputs)
-    errors = np.zeros(len(grid))
-    for train, test in ((folds[0], folds[1]), (folds[1], folds[0])):
-        g, c = _centered(train, columns, intercept, scored)
-        base = np.zeros_like(c) if prior is None else prior[np.ix_(columns, scored)]
-        values, vectors = _scoring_eigh(g)
+    sides = [_HeldOutFit(train, test, columns, intercept, prior, scored)
+             for train, test in ((folds[0], folds[1]), (folds[1], folds[0]))]
+    return float(grid[descend_grid(lambda k: sum(side.error(grid[k]) for side in sides), len(grid))])
+
+
+def descend_grid(error, count: int) -> int:
+    """Index of a local minimum of `error` over 0..count-1, walking downhill from the middle.
+
+    Held-out error against the ridge falls to one minimum and rises again, so the walk finds
+    the grid's best point with about half of the solves; ties keep the smaller ridge.
+    """
+    known: dict[int, float] = {}
+
+    def at(k: int) -> float:
+        if k not in known:
+            known[k] = error(k)
+        return known[k]
+
+    k = count // 2
+    for step in (-1, 1):
+        moved = False
+        while 0 <= k + step < count and (at(k + step) < at(k) or (step < 0 and at(k + step) == at(k))):
+            k, moved = k + step, True
+        if moved:
+            break
+    return k
+
+
+class _HeldOutFit:
+    """One cross-validation side: fit on `train` at a given ridge, score on `test`."""
+
+    def __init__(self, train: FitMoments, test: FitMoments, columns: np.ndarray, intercept: bool,
+                 prior: np.ndarray | None, scored: np.ndarray):
+        self.train, self.columns, self.intercept, self.scored = train, columns, intercept, scored
+        self.gram, cross = _centered(train, columns, intercept, scored)
+        self.base = np.zeros_like(cross) if prior is None else prior[np.ix_(columns, scored)]
+        self.rhs = cross - self.gram @ self.base
+        self.mean_var = max(float(np.trace(self.gram)) / max(len(columns), 1), 1e-30)
+        self.score = _HeldOutError(test, columns, scored)
+
+    def error(self, ridge: float) -> float:
+        if len(self.gram) < FLOAT32_DIMS:
+            step = _floored_solve(self.gram, self.rhs, ridge * self.mean_var)  # a Cholesky or two
+        else:
+            step = self._eigen_step(ridge)
+        w = self.base + step
+        return self.score(w, _bias(self.train, self.columns, w, self.intercept, self.scored))
+
+    def _eigen_step(self, ridge: float) -> np.ndarray:
+        """The floored solve from float32 eigen-pairs, decomposed once for the whole grid (a
+        2,304² layer: one eigh beats a Cholesky per ridge; the grid's ridges, 1e-3 of the mean
+        variance and up, are far above float32's rounding)."""
+        if not hasattr(self, "_eigen"):
+            values, vectors = linalg.eigh(self.gram.astype(np.float32), driver="evd")
+            values, vectors = values.astype(np.float64), vectors.astype(np.float64)
+            self._eigen = values, vectors, vectors.T @ self.rhs
+        values, vectors, projected = self._eigen
         floor = max(float(values.max()), 1e-30) * 1e-12
-        projected = vectors.T @ (c - g @ base)
-        mean_var = max(float(np.trace(g)) / max(len(columns), 1), 1e-30)
-        score = _HeldOutError(test, columns, scored)
-        for k, ridge in enumerate(grid):
-            shrink = values + ridge * mean_var
-            # directions the training fold does not see at all keep W₀ (a min-norm change)
-            step = np.where((shrink > floor)[:, None], projected / np.maximum(shrink, floor)[:, None], 0.0)
-            w = base + vectors @ step
-            errors[k] += score(w, _bias(train, columns, w, intercept, scored))
-    return float(grid[int(np.argmin(errors))])
+        shrink = values + ridge * self.mean_var
+        # directions the training fold does not see at all keep W₀ (a min-norm change)
+        return vectors @ np.where((shrink > floor)[:, None], projected / np.maximum(shrink, floor)[:, None], 0.0)
 
 
 SCORED_OUTPUTS = 128
