@@ -8,6 +8,7 @@ is the unpruned output, so b = G·1 and ‖y‖² = 1ᵀG1; error-correcting sta
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -287,7 +288,9 @@ def _eigh(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return linalg.eigh(g, driver="evd")
 
 
-FLOAT32_DIMS = 1024  # moment blocks of layers with fewer unknowns (the exactness oracles') stay float64
+# Layers with fewer unknowns (the exactness oracles') keep float64 moment blocks and score the
+# ridge with exact solves.
+FLOAT32_DIMS = 1024
 
 
 def _floored_solve(g: np.ndarray, rhs: np.ndarray, penalty: float) -> np.ndarray:
@@ -423,14 +426,16 @@ class _HeldOutFit:
         w = self.base + step
         return self.score(w, _bias(self.train, self.columns, w, self.intercept, self.scored))
 
+    @functools.cached_property
+    def _eigen(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        values, vectors = linalg.eigh(self.gram.astype(np.float32), driver="evd")
+        values, vectors = values.astype(np.float64), vectors.astype(np.float64)
+        return values, vectors, vectors.T @ self.rhs
+
     def _eigen_step(self, ridge: float) -> np.ndarray:
         """The floored solve from float32 eigen-pairs, decomposed once for the whole grid (a
         2,304² layer: one eigh beats a Cholesky per ridge; the grid's ridges, 1e-3 of the mean
         variance and up, are far above float32's rounding)."""
-        if not hasattr(self, "_eigen"):
-            values, vectors = linalg.eigh(self.gram.astype(np.float32), driver="evd")
-            values, vectors = values.astype(np.float64), vectors.astype(np.float64)
-            self._eigen = values, vectors, vectors.T @ self.rhs
         values, vectors, projected = self._eigen
         floor = max(float(values.max()), 1e-30) * 1e-12
         shrink = values + ridge * self.mean_var
