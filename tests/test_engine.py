@@ -63,6 +63,18 @@ def test_a_fixed_batch_model_calibrates_and_keeps_its_planted_channels(family):
     assert result.verification.rel_error < 1e-4
 
 
+def test_the_activation_store_copies_borrowed_outputs_it_keeps_in_memory():
+    """Segment outputs live in their session's onnxruntime arena: kept as they are, they would
+    keep the whole arena alive after the session is gone."""
+    output = np.arange(12, dtype=np.float32).reshape(3, 4)
+    store = ActivationStore(1, ram_budget=1 << 30)
+    store.put("borrowed", 0, output, borrowed=True)
+    store.put("owned", 0, output)
+    output[:] = -1.0
+    np.testing.assert_array_equal(store.get("borrowed", 0), np.arange(12, dtype=np.float32).reshape(3, 4))
+    assert np.shares_memory(store.get("owned", 0), output)
+
+
 def test_the_activation_store_reads_back_from_disk_with_deleted_positions(tmp_path):
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal((3, 5, 4)).astype(np.float32) for _ in range(2)]

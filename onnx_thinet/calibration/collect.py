@@ -297,7 +297,7 @@ def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight,
         else:
             prior = np.delete(weight, lost, axis=0)
         in_channels = x.shape[axis] - len(lost)
-        rows = _refit_rows_expected(consumer, inputs.shape[1], len(inputs), images, x.shape[0])
+        rows = _refit_rows_expected(len(inputs), images, x.shape[0])
         entry.refit = RefitStats(inputs.shape[1], targets.shape[1], in_channels, prior.astype(np.float64),
                                  columns_kept=True, expected_rows=rows)
     entry.refit.add(inputs, targets, (first_image + image) % 2 == 1)
@@ -323,7 +323,7 @@ def _linear_refit_rows(x, ref_x, weight, bias):
     return inputs, targets, np.arange(len(inputs)) // (len(inputs) // x.shape[0])
 
 
-def _refit_rows_expected(consumer: Consumer, dims: int, rows: int, images: int, batch: int) -> int:
+def _refit_rows_expected(rows: int, images: int, batch: int) -> int:
     """Rows the whole calibration set will give (to choose moments or kept samples)."""
     return int(math.ceil(rows / max(batch, 1) * images))
 

@@ -83,7 +83,8 @@ class SegmentRunner:
         outputs = sorted((set(targets) | (produced & keep)) - self._available(graph))
         inputs = sorted({i for n in nodes for i in n.input if i and i not in produced
                          and i not in graph.initializers})
-        session = make_session(_segment_model(model, nodes, inputs, outputs), self.device)
+        # with its arena: the store copies what it keeps in memory out of it
+        session = make_session(_segment_model(model, nodes, inputs, outputs), self.device, arena=True)
         graph_feeds = set(graph.inputs)
         whole = self.batching.run_size is not None and runs_per_sample(nodes, model)
         for batch in range(self.batching.count):
@@ -94,7 +95,7 @@ class SegmentRunner:
             values = self._run(session, outputs, feeds, whole)
             self.timings["onnxruntime"] = self.timings.get("onnxruntime", 0.0) + time.perf_counter() - clock
             for name, value in zip(outputs, values):
-                self.store.put(name, batch, value)
+                self.store.put(name, batch, value, borrowed=True)
         self.runs += 1
 
     def get(self, name: str, batch: int) -> np.ndarray:

@@ -48,14 +48,16 @@ class ActivationStore:
     def names(self) -> list[str]:
         return list(self._tensors)
 
-    def put(self, name: str, batch: int, array: np.ndarray) -> None:
+    def put(self, name: str, batch: int, array: np.ndarray, borrowed: bool = False) -> None:
+        """Store one batch of `name`; a `borrowed` array (an onnxruntime output in its session's
+        arena) is copied when it stays in memory, so that the arena can go with the session."""
         stored = self._tensors.setdefault(name, _Stored())
         if stored.deletions:
             raise ValueError(f"{name}: cannot add batches to a tensor with deleted positions")
         array = np.ascontiguousarray(array)
         stored.shape = stored.shape or array.shape
         if self.ram_bytes + array.nbytes <= self.ram_budget:
-            stored.chunks[batch] = array
+            stored.chunks[batch] = np.array(array, copy=True) if borrowed else array
             self.ram_bytes += array.nbytes
             return
         self._files += 1
