@@ -16,35 +16,23 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from onnx_thinet.io.graph import GraphIndex
 
 __all__ = ["runs_per_sample"]
 
-Check = Callable[[onnx.NodeProto, "_Context"], bool]
+Check = Callable[[onnx.NodeProto, GraphIndex], bool]
 
 
-class _Context:
-    """The initializers and the ranks of tensors the segment's nodes read."""
+def _constant(index: GraphIndex, name: str) -> bool:
+    return name in index.initializers
 
-    def __init__(self, model: onnx.ModelProto):
-        graph = model.graph
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.ranks: dict[str, int] = {}
-        for value in [*graph.input, *graph.value_info, *graph.output]:
-            tensor = value.type.tensor_type
-            if value.type.HasField("tensor_type") and tensor.HasField("shape"):
-                self.ranks[value.name] = len(tensor.shape.dim)
 
-    def constant(self, name: str) -> bool:
-        return name in self.initializers
-
-    def value(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.initializers[name])
-
-    def data_rank(self, node: onnx.NodeProto) -> int | None:
-        """The largest rank among the node's computed (per-image) inputs, if all are known."""
-        ranks = [self.ranks.get(i) for i in node.input if i and not self.constant(i)]
-        return None if not ranks or None in ranks else max(ranks)
+def _data_rank(node: onnx.NodeProto, index: GraphIndex) -> int | None:
+    """The largest rank among the node's computed (per-image) inputs, if all are known."""
+    ranks = [index.rank(i) for i in node.input if i and not _constant(index, i)]
+    return None if not ranks or None in ranks else max(ranks)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -54,64 +42,64 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def _data_first(node: onnx.NodeProto, ctx: _Context) -> bool:
+def _data_first(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """Input 0 is the image data; every other input is a weight (Conv, BatchNormalization)."""
-    return bool(node.input) and not ctx.constant(node.input[0]) and all(
-        not name or ctx.constant(name) for name in node.input[1:])
+    return bool(node.input) and not _constant(index, node.input[0]) and all(
+        not name or _constant(index, name) for name in node.input[1:])
 
 
-def _broadcast(node: onnx.NodeProto, ctx: _Context) -> bool:
+def _broadcast(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """Elementwise: a constant operand must not have a batch axis of its own (lower rank than
     the data, or a leading 1)."""
-    rank = ctx.data_rank(node)
+    rank = _data_rank(node, index)
     if rank is None:
         return False
     for name in node.input:
-        if name and ctx.constant(name):
-            dims = list(ctx.initializers[name].dims)
+        if name and _constant(index, name):
+            dims = list(index.initializers[name].dims)
             if len(dims) >= rank and dims[0] != 1:
                 return False
     return True
 
 
-def _axis_not_batch(node: onnx.NodeProto, ctx: _Context, default: int) -> bool:
+def _axis_not_batch(node: onnx.NodeProto, index: GraphIndex, default: int) -> bool:
     """Ops along one axis (Concat, Softmax, Flatten): any axis but the batch, constants aside."""
-    if any(name and ctx.constant(name) for name in node.input):
+    if any(name and _constant(index, name) for name in node.input):
         return False
     axis = int(_attr(node, "axis", default))
     if axis > 0:
         return True
-    rank = ctx.data_rank(node)
+    rank = _data_rank(node, index)
     return rank is not None and axis < 0 and axis + rank > 0
 
 
-def _resize(node: onnx.NodeProto, ctx: _Context) -> bool:
+def _resize(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """Resize by constant scales that keep the batch (sizes name the batch: they stay in pieces)."""
     inputs = list(node.input) + [""] * 4
     scales, sizes = (inputs[1], "") if len(node.input) == 2 else (inputs[2], inputs[3])  # opset 10: (X, scales)
-    if sizes or not scales or not ctx.constant(scales) or ctx.constant(inputs[0]):
+    if sizes or not scales or not _constant(index, scales) or _constant(index, inputs[0]):
         return False
-    value = ctx.value(scales)
+    value = index.const(scales)
     return value.size > 0 and float(value.reshape(-1)[0]) == 1.0
 
 
-def _gemm(node: onnx.NodeProto, ctx: _Context) -> bool:
-    return _data_first(node, ctx) and not _attr(node, "transA", 0)
+def _gemm(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    return _data_first(node, index) and not _attr(node, "transA", 0)
 
 
-def _matmul(node: onnx.NodeProto, ctx: _Context) -> bool:
+def _matmul(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """Data times a 2-D weight: the data's leading axes are batch-like and stay apart."""
-    return (len(node.input) == 2 and not ctx.constant(node.input[0]) and ctx.constant(node.input[1])
-            and len(ctx.initializers[node.input[1]].dims) == 2)
+    return (len(node.input) == 2 and not _constant(index, node.input[0]) and _constant(index, node.input[1])
+            and len(index.initializers[node.input[1]].dims) == 2)
 
 
-def _max_pool(node: onnx.NodeProto, ctx: _Context) -> bool:
+def _max_pool(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """MaxPool's optional indices count from the start of the whole batch."""
-    return _data_first(node, ctx) and not (len(node.output) > 1 and node.output[1])
+    return _data_first(node, index) and not (len(node.output) > 1 and node.output[1])
 
 
-def _batchnorm(node: onnx.NodeProto, ctx: _Context) -> bool:
-    return _data_first(node, ctx) and not _attr(node, "training_mode", 0)
+def _batchnorm(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    return _data_first(node, index) and not _attr(node, "training_mode", 0)
 
 
 _UNARY = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu",
@@ -123,10 +111,10 @@ _CHECKS: dict[str, Check] = {
                                   "GlobalAveragePool", "GlobalMaxPool", "InstanceNormalization",
                                   "LRN", "Upsample")},
     **{op: _broadcast for op in ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "PRelu")},
-    "Concat": lambda node, ctx: _axis_not_batch(node, ctx, 0),
-    "Softmax": lambda node, ctx: _axis_not_batch(node, ctx, -1),
-    "LogSoftmax": lambda node, ctx: _axis_not_batch(node, ctx, -1),
-    "Flatten": lambda node, ctx: _axis_not_batch(node, ctx, 1),
+    "Concat": lambda node, index: _axis_not_batch(node, index, 0),
+    "Softmax": lambda node, index: _axis_not_batch(node, index, -1),
+    "LogSoftmax": lambda node, index: _axis_not_batch(node, index, -1),
+    "Flatten": lambda node, index: _axis_not_batch(node, index, 1),
     "MaxPool": _max_pool,
     "Resize": _resize,
     "Gemm": _gemm,
@@ -140,10 +128,10 @@ def runs_per_sample(nodes: Sequence[onnx.NodeProto], model: onnx.ModelProto) -> 
 
     Upsample is only listed with its scales as an attribute (opset < 9: no second input).
     """
-    ctx = _Context(model)
+    index = GraphIndex.build(model)
     for node in nodes:
         check = _CHECKS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if check is None or not check(node, ctx):
+        if check is None or not check(node, index):
             return False
         if node.op_type == "Upsample" and len(node.input) > 1:
             return False
