@@ -114,7 +114,7 @@ class RefitStats:
         return self.folds[0] + self.folds[1]
 
 
-REFIT_ROWS_PER_UNKNOWN = 20  # sampled windows per refit unknown, over the calibration set
+REFIT_ROWS_PER_UNKNOWN = 10  # sampled windows per refit unknown, over the calibration set
 
 
 def samples_per_image(channels: int, images: int, requested: int | None) -> int:
