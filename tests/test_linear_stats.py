@@ -46,3 +46,18 @@ def test_exact_moments_match_brute_force(layout, length):
     assert entry.target_sq == pytest.approx(target_sq * 3 / 7, rel=1e-6)
     assert entry.samples == 15
     assert sorted(positions.ravel()) == sorted(layout.positions(np.arange(channels), length)[0])
+
+
+def test_wide_reader_moments_in_float32_products_match_float64():
+    """From 1,024 channels on, W Wᵀ is a float32 product (VGG-16's 4,096-wide FC layers): the
+    Gram stays within float32 rounding of the float64 sums."""
+    rng = np.random.default_rng(1)
+    channels, units = 1100, 40
+    rows = np.abs(rng.standard_normal((6, channels))).astype(np.float32)
+    weight = rng.standard_normal((channels, units)).astype(np.float32)
+    positions = channel_positions(Layout.full(channels), channels, channels)
+    entry = ConsumerStats(channels)
+    LinearChannelMoments(positions, weight, scale=1.0).add(entry, rows, rows @ weight, samples=6)
+    a, w = rows.astype(np.float64), weight.astype(np.float64)
+    expected = (a.T @ a) * (w @ w.T)
+    np.testing.assert_allclose(entry.gram, expected, rtol=0, atol=1e-5 * np.abs(expected).max())

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnx_thinet.channels.layout import Layout
+from onnx_thinet.solve.solvers import FLOAT32_DIMS
 
 __all__ = ["LinearChannelMoments", "channel_positions"]
 
@@ -86,7 +87,10 @@ class LinearChannelMoments:
         return self._blocks
 
     def _unit_outer(self) -> np.ndarray:
+        """W Wᵀ over the units; float32 products from 1,024 channels on, as the refit's moments
+        (a 4,096-wide FC layer: 137 GFLOP, twice as fast)."""
         if self._outer is None:
-            picked = self.weight[self.positions[:, 0]].astype(np.float64)
-            self._outer = picked @ picked.T
+            dtype = np.float32 if len(self.positions) >= FLOAT32_DIMS else np.float64
+            picked = self.weight[self.positions[:, 0]].astype(dtype)
+            self._outer = (picked @ picked.T).astype(np.float64)
         return self._outer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -50,7 +51,8 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(model: onnx.ModelProto, device: str = "cpu", arena: bool = False) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, device: str = "cpu", arena: bool = False,
+                 arrays: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
     """A session on `device`; warns once when CUDA was asked for but the session does not use it
     (onnxruntime falls back to the CPU silently when the CUDA libraries cannot be loaded).
 
@@ -58,7 +60,8 @@ def make_session(model: onnx.ModelProto, device: str = "cpu", arena: bool = Fals
     `arena`: onnxruntime's CPU arena, for a caller that copies what it keeps of the outputs
     (they live in the arena, which never shrinks while the session lives: ResNet-50 at 256
     images peaked at 4.5 GB keeping them, 2.4 GB copying them). It makes runs about a quarter
-    faster than fresh allocations, which this VM faults in slowly.
+    faster than fresh allocations, which this VM faults in slowly. `arrays`: values of the
+    initializers `model` carries as dims alone (see `SessionModel`).
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # a failure reaches the caller as an exception, not a log line
@@ -67,7 +70,7 @@ def make_session(model: onnx.ModelProto, device: str = "cpu", arena: bool = Fals
     opts.enable_cpu_mem_arena = arena
     opts.add_session_config_entry("session.disable_prepacking", "1")
     providers = providers_for(device)
-    session = session_model(model).session(opts, [_with_options(p) for p in providers])
+    session = session_model(model, arrays).session(opts, [_with_options(p) for p in providers])
     if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in session.get_providers():
         _warn_once("not-used", f"--device {device}: onnxruntime could not start its CUDA execution "
                    "provider (CUDA or cuDNN libraries missing?); running on the CPU")

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnx_thinet.calibration.batch_axis import runs_per_sample
 from onnx_thinet.calibration.runtime import ONNXRUNTIME_ERRORS, make_session
 from onnx_thinet.calibration.store import ActivationStore
 from onnx_thinet.io.data import CalibrationData
 from onnx_thinet.io.graph import graph_inputs
+from onnx_thinet.io.weightless import is_session_array, weight_stub
 
 __all__ = ["Batching", "NodeIndex", "SegmentRunner", "downstream_nodes", "fixed_batch"]
 
@@ -84,7 +85,8 @@ class SegmentRunner:
         inputs = sorted({i for n in nodes for i in n.input if i and i not in produced
                          and i not in graph.initializers})
         # with its arena: the store copies what it keeps in memory out of it
-        session = make_session(_segment_model(model, nodes, inputs, outputs), self.device, arena=True)
+        segment, arrays = _segment_model(model, nodes, inputs, outputs)
+        session = make_session(segment, self.device, arena=True, arrays=arrays)
         graph_feeds = set(graph.inputs)
         whole = self.batching.run_size is not None and runs_per_sample(nodes, model)
         for batch in range(self.batching.count):
@@ -256,19 +258,25 @@ def _node_inputs(node: onnx.NodeProto) -> list[str]:
 
 
 def _segment_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[str],
-                   outputs: list[str]) -> onnx.ModelProto:
-    """A model of `nodes` alone: `inputs` fed (stored tensors or model inputs), `outputs` read."""
+                   outputs: list[str]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A model of `nodes` alone: `inputs` fed (stored tensors or model inputs), `outputs` read.
+
+    Its large weights are stubs whose values are returned beside it (`make_session` takes
+    them): one copy out of `model` instead of a protobuf copy and then an array copy.
+    """
     graph = model.graph
     types = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
     needed = {i for n in nodes for i in _node_inputs(n)}
     inits = [t for t in graph.initializer if t.name in needed]
+    arrays = {t.name: numpy_helper.to_array(t) for t in inits if is_session_array(t)}
     new_graph = helper.make_graph(
         nodes, graph.name or "segment", [_value(types, name) for name in inputs],
-        [_value(types, name) for name in outputs], inits,
+        [_value(types, name) for name in outputs],
+        [weight_stub(t) if t.name in arrays else t for t in inits],
     )
     segment = helper.make_model(new_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     segment.functions.extend(model.functions)
-    return segment
+    return segment, arrays
 
 
 def _value(types: dict[str, onnx.ValueInfoProto], name: str) -> onnx.ValueInfoProto:

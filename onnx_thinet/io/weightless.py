@@ -10,7 +10,7 @@ takes the weights as in-memory external initializers, never as protobuf bytes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -23,7 +23,9 @@ __all__ = [
     "SessionModel",
     "infer_shapes",
     "is_large_weight",
+    "is_session_array",
     "session_model",
+    "weight_stub",
     "weightless_copy",
 ]
 
@@ -55,7 +57,7 @@ def weightless_copy(model: onnx.ModelProto,
     _copy_fields(model.graph, light.graph, skip="initializer")
     for tensor in model.graph.initializer:
         if strip(tensor):
-            light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            light.graph.initializer.append(weight_stub(tensor))
         else:
             light.graph.initializer.append(tensor)
     return light
@@ -88,14 +90,19 @@ def infer_shapes(model: onnx.ModelProto, in_place: bool = False) -> onnx.ModelPr
 
 class SessionModel:
     """A model as onnxruntime takes it without the weight bytes: the serialized graph, and the
-    large weights as OrtValues over numpy arrays (kept alive here for the session's life)."""
+    large weights as OrtValues over numpy arrays (kept alive here for the session's life).
 
-    def __init__(self, model: onnx.ModelProto):
+    `arrays` holds the values of large initializers that `model` carries as dims alone (a
+    sub-graph cut from a bigger model: copying its weights into a new graph is a copy saved).
+    """
+
+    def __init__(self, model: onnx.ModelProto, arrays: Mapping[str, np.ndarray] | None = None):
         import onnxruntime as ort
 
-        light = weightless_copy(model, _in_memory)
-        large = {t.name: t for t in model.graph.initializer if _in_memory(t)}
-        self.arrays = [np.ascontiguousarray(numpy_helper.to_array(large[t.name]))
+        arrays = arrays or {}
+        light = weightless_copy(model, is_session_array)
+        large = {t.name: t for t in model.graph.initializer if is_session_array(t)}
+        self.arrays = [np.ascontiguousarray(arrays[t.name] if t.name in arrays else numpy_helper.to_array(large[t.name]))
                        for t in light.graph.initializer if t.name in large]
         self.names = [t.name for t in light.graph.initializer if t.name in large]
         self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
@@ -116,12 +123,17 @@ class SessionModel:
         return session
 
 
-def session_model(model: onnx.ModelProto) -> SessionModel:
+def session_model(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray] | None = None) -> SessionModel:
     """`model` ready for onnxruntime without serializing its weights (see `SessionModel`)."""
-    return SessionModel(model)
+    return SessionModel(model, arrays)
 
 
-def _in_memory(tensor: TensorProto) -> bool:
+def weight_stub(tensor: TensorProto) -> TensorProto:
+    """`tensor` with its name, type and dims but no data (its values travel beside the model)."""
+    return TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+
+
+def is_session_array(tensor: TensorProto) -> bool:
     """A large weight onnxruntime can take as an OrtValue (numpy has no bfloat16 of its own)."""
     return is_large_weight(tensor) and tensor.data_type != TensorProto.BFLOAT16
 
