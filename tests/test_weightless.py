@@ -18,7 +18,13 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_thinet.calibration.runtime import make_session
 from onnx_thinet.io.graph import GraphIndex, canonicalize
 from onnx_thinet.io.probe import outputs_differ, probe, reference_after
-from onnx_thinet.io.weightless import LARGE_WEIGHT_ELEMENTS, infer_shapes, weightless_copy
+from onnx_thinet.io.weightless import (
+    LARGE_WEIGHT_ELEMENTS,
+    infer_shapes,
+    is_session_array,
+    weight_stub,
+    weightless_copy,
+)
 from tests import builders
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -115,6 +121,24 @@ def test_session_on_in_memory_weights_matches_a_session_from_bytes():
     # no arena: an output kept in the activation store must not pin the session's memory
     assert not session.get_session_options().enable_cpu_mem_arena
     for got, want in zip(session.run(None, {"x": x}), expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_session_on_weight_stubs_takes_their_values_beside_the_model():
+    """A segment cut from a bigger model carries its large weights as stubs (name, type, dims)
+    and hands the arrays over: the session computes what the weight-carrying model does."""
+    model = _shape_arithmetic_model()
+    x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if is_session_array(t)}
+    assert set(arrays) == {"w1", "w2"}
+    stubbed = onnx.ModelProto()
+    stubbed.CopyFrom(model)
+    for k, tensor in enumerate(stubbed.graph.initializer):
+        if tensor.name in arrays:
+            stubbed.graph.initializer[k].CopyFrom(weight_stub(tensor))
+    assert stubbed.ByteSize() < 1000
+    for got, want in zip(make_session(stubbed, arrays=arrays).run(None, {"x": x}),
+                         make_session(model).run(None, {"x": x})):
         np.testing.assert_array_equal(got, want)
 
 
