@@ -124,9 +124,34 @@ def conv_patches(x: np.ndarray, weight_shape, geometry: ConvGeometry, at: Positi
     inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]  # (S, kh, kw)
     pixel = (np.clip(ys, 0, h - 1) * w)[:, :, None] + np.clip(xs, 0, w - 1)[:, None, :]
     pixel += (at.row.astype(np.int64) * (h * w))[:, None, None]  # index into the N·H·W places
-    out = _gather_elements(x, pixel, np.arange(c) if channels is None else np.asarray(channels, np.int64))
+    channels = np.arange(c) if channels is None else np.asarray(channels, np.int64)
+    if pixel.size * PIXEL_GATHER_COVERAGE >= x.shape[0] * h * w:
+        out = _gather_pixels(x, pixel, channels)
+    else:
+        out = _gather_elements(x, pixel, channels)
     if not inside.all():
         np.copyto(out, 0, where=~inside[:, None])
+    return out
+
+
+# Windows covering at least 1/6 of a batch's places (counted with their overlaps) are gathered
+# pixel by pixel from a channels-last copy (1.2-2.8x faster on ResNet-50's and VGG-16's late
+# layers); sparser ones element by element, which copies nothing (VGG-16's 224² layers).
+PIXEL_GATHER_COVERAGE = 6
+
+
+def _gather_pixels(x: np.ndarray, pixel: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """Windows as whole pixels (a channel vector each) of a channels-last copy, (S, C, kh, kw)."""
+    n, c, h, w = x.shape
+    last = x.transpose(0, 2, 3, 1)
+    table = (np.ascontiguousarray(last) if len(channels) == c and np.array_equal(channels, np.arange(c))
+             else last[..., channels]).reshape(n * h * w, len(channels))
+    out = np.empty((len(pixel), len(channels), *pixel.shape[1:]), dtype=x.dtype)
+    step = max(1, _GATHER_ELEMENTS // max(out[0].size, 1))
+    for start in range(0, len(pixel), step):
+        block = slice(start, start + step)
+        rows = table[pixel[block].reshape(-1)]
+        out[block] = rows.reshape(*pixel[block].shape, -1).transpose(0, 3, 1, 2)
     return out
 
 
