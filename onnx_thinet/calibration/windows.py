@@ -124,11 +124,11 @@ def conv_patches(x: np.ndarray, weight_shape, geometry: ConvGeometry, at: Positi
     inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]  # (S, kh, kw)
     pixel = (np.clip(ys, 0, h - 1) * w)[:, :, None] + np.clip(xs, 0, w - 1)[:, None, :]
     pixel += (at.row.astype(np.int64) * (h * w))[:, None, None]  # index into the N·H·W places
-    channels = np.arange(c) if channels is None else np.asarray(channels, np.int64)
+    picked = None if channels is None else np.asarray(channels, np.int64)
     if pixel.size * PIXEL_GATHER_COVERAGE >= x.shape[0] * h * w:
-        out = _gather_pixels(x, pixel, channels)
+        out = _gather_pixels(x, pixel, picked)
     else:
-        out = _gather_elements(x, pixel, channels)
+        out = _gather_elements(x, pixel, np.arange(c) if picked is None else picked)
     if not inside.all():
         np.copyto(out, 0, where=~inside[:, None])
     return out
@@ -140,13 +140,13 @@ def conv_patches(x: np.ndarray, weight_shape, geometry: ConvGeometry, at: Positi
 PIXEL_GATHER_COVERAGE = 6
 
 
-def _gather_pixels(x: np.ndarray, pixel: np.ndarray, channels: np.ndarray) -> np.ndarray:
-    """Windows as whole pixels (a channel vector each) of a channels-last copy, (S, C, kh, kw)."""
-    n, c, h, w = x.shape
+def _gather_pixels(x: np.ndarray, pixel: np.ndarray, channels: np.ndarray | None) -> np.ndarray:
+    """Windows as whole pixels (a channel vector each) of a channels-last copy of all channels
+    or of `channels`, (S, C, kh, kw)."""
+    n, _, h, w = x.shape
     last = x.transpose(0, 2, 3, 1)
-    table = (np.ascontiguousarray(last) if len(channels) == c and np.array_equal(channels, np.arange(c))
-             else last[..., channels]).reshape(n * h * w, len(channels))
-    out = np.empty((len(pixel), len(channels), *pixel.shape[1:]), dtype=x.dtype)
+    table = (np.ascontiguousarray(last) if channels is None else last[..., channels]).reshape(n * h * w, -1)
+    out = np.empty((len(pixel), table.shape[1], *pixel.shape[1:]), dtype=x.dtype)
     step = max(1, _GATHER_ELEMENTS // max(out[0].size, 1))
     for start in range(0, len(pixel), step):
         block = slice(start, start + step)

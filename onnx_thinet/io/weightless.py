@@ -102,7 +102,8 @@ class SessionModel:
         arrays = arrays or {}
         light = weightless_copy(model, is_session_array)
         large = {t.name: t for t in model.graph.initializer if is_session_array(t)}
-        self.arrays = [np.ascontiguousarray(arrays[t.name] if t.name in arrays else numpy_helper.to_array(large[t.name]))
+        self.arrays = [np.ascontiguousarray(arrays[t.name] if t.name in arrays
+                                            else numpy_helper.to_array(large[t.name]))
                        for t in light.graph.initializer if t.name in large]
         self.names = [t.name for t in light.graph.initializer if t.name in large]
         self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
