@@ -169,6 +169,20 @@ def test_graph_index_decodes_a_constant_once_and_read_only():
     assert index.const("c") is None and index.const_shape("c") is None
 
 
+def test_graph_index_reads_shapes_when_looked_up():
+    """Shapes come from value_info on first lookup; an entry without a shape does not hide an
+    earlier one with it, and unknown tensors read as None."""
+    model = _shape_arithmetic_model()
+    model.graph.value_info.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, [2, 48, 16, 16]))
+    model.graph.output.append(helper.make_value_info("c", onnx.TypeProto()))  # no shape
+    index = GraphIndex.build(model)
+    assert index.shapes.get("x") == (2, 3, 16, 16) and index.rank("x") == 4
+    assert index.dim("c", 1) == 48 and "c" in index.shapes
+    assert index.shapes.get("nowhere") is None and "nowhere" not in index.shapes and index.rank("nowhere") is None
+    index.shapes["nowhere"] = (5,)  # callers may record shapes they computed
+    assert index.dim("nowhere", 0) == 5
+
+
 def test_probe_rejects_a_changed_model_and_reuses_an_accepted_run():
     model = canonicalize(_shape_arithmetic_model(), simplify=False)
     reference = probe(model)

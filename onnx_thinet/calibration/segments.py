@@ -246,9 +246,15 @@ def downstream_nodes(graph: NodeIndex, names: Iterable[str]) -> tuple[set[str], 
     return nodes, tensors
 
 
+# standard ops whose attributes may hold subgraphs; other standard ops read their inputs alone
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def _node_inputs(node: onnx.NodeProto) -> list[str]:
     """Inputs of a node, including those its subgraphs (If, Loop) read from the outer scope."""
     names = [i for i in node.input if i]
+    if node.domain in ("", "ai.onnx") and node.op_type not in _SUBGRAPH_OPS:
+        return names
     for attr in node.attribute:
         for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
             inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}

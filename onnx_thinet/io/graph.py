@@ -400,6 +400,31 @@ class ConstShape:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
+class _ShapeTable(dict):
+    """Tensor shapes, read from their value_info on first lookup: an index is built once per
+    pass and per segment, and reads the shapes of a few of a model's hundreds of tensors."""
+
+    def __init__(self, infos: dict[str, onnx.ValueInfoProto]):
+        super().__init__()
+        self._infos = infos
+
+    def __missing__(self, name: str) -> tuple[int | str | None, ...]:
+        info = self._infos.get(name)
+        if info is None:
+            raise KeyError(name)
+        shape = self[name] = tensor_shape(info)
+        return shape
+
+    def get(self, name: str, default=None):
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return self.get(name) is not None
+
+
 @dataclass
 class GraphIndex:
     """Read-only lookups over a graph: who produces and who reads each tensor, constants, shapes."""
@@ -428,10 +453,8 @@ class GraphIndex:
                     index.uses.setdefault(name, []).append((node, k))
                     index.reader_positions.setdefault(name, []).append(pos)
         index.initializers = {t.name: t for t in graph.initializer}
-        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-            shape = tensor_shape(vi)
-            if shape is not None:
-                index.shapes[vi.name] = shape
+        index.shapes = _ShapeTable({vi.name: vi for vi in [*graph.input, *graph.value_info, *graph.output]
+                                    if vi.type.tensor_type.HasField("shape")})
         index.graph_outputs = {o.name for o in graph.output}
         return index
 
