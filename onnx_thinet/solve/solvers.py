@@ -223,9 +223,21 @@ def _dual_problem(m: FitSamples, columns: np.ndarray, intercept: bool, prior: np
 
 def _rows(matrix: np.ndarray, columns: np.ndarray) -> np.ndarray:
     """matrix[columns] without a copy when the columns are all rows in order (a wide FC prior)."""
-    if len(columns) == len(matrix) and np.array_equal(columns, np.arange(len(matrix))):
+    return matrix if _everything(columns, len(matrix)) else matrix[columns]
+
+
+def _block(matrix: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """matrix[rows][:, columns], read-only: the matrix itself when both take everything in order
+    (refit moments hold the kept inputs alone; a fancy-indexed copy of 2,304² costs 7x a copy)."""
+    if _everything(rows, matrix.shape[0]) and _everything(columns, matrix.shape[1]):
         return matrix
-    return matrix[columns]
+    if _everything(rows, matrix.shape[0]):
+        return matrix[:, columns]
+    return matrix[np.ix_(rows, columns)]
+
+
+def _everything(index: np.ndarray, length: int) -> bool:
+    return len(index) == length and np.array_equal(index, np.arange(length))
 
 
 def _dual_gain(values: np.ndarray, ridge: float, mean_var: float) -> np.ndarray:
@@ -266,8 +278,9 @@ def _centered(m: FitMoments, columns: np.ndarray, intercept: bool,
     """Normal equations of the weights alone (of `outputs`, default all); with an intercept,
     inputs and targets are centred."""
     outputs = np.arange(m.outputs) if outputs is None else outputs
-    g = m.gram[np.ix_(columns, columns)]
-    c = m.cross[np.ix_(columns, outputs)]
+    g, c = _block(m.gram, columns, columns), _block(m.cross, columns, outputs)
+    g = g.copy() if g is m.gram else g  # centred in place below
+    c = c.copy() if c is m.cross else c
     if intercept and m.count:
         s = m.input_sum[columns]
         g -= np.outer(s, s / m.count)
@@ -413,7 +426,7 @@ class _HeldOutFit:
                  prior: np.ndarray | None, scored: np.ndarray):
         self.train, self.columns, self.intercept, self.scored = train, columns, intercept, scored
         self.gram, cross = _centered(train, columns, intercept, scored)
-        self.base = np.zeros_like(cross) if prior is None else prior[np.ix_(columns, scored)]
+        self.base = np.zeros_like(cross) if prior is None else _block(prior, columns, scored)
         self.rhs = cross - self.gram @ self.base
         self.mean_var = max(float(np.trace(self.gram)) / max(len(columns), 1), 1e-30)
         self.score = _HeldOutError(test, columns, scored)
@@ -460,8 +473,8 @@ class _HeldOutError:
     depend on the fit), for the `outputs` scored; the fold's Gram is sliced once."""
 
     def __init__(self, m: FitMoments, columns: np.ndarray, outputs: np.ndarray):
-        self.gram = m.gram[np.ix_(columns, columns)]
-        self.cross = m.cross[np.ix_(columns, outputs)]
+        self.gram = _block(m.gram, columns, columns)
+        self.cross = _block(m.cross, columns, outputs)
         self.input_sum, self.target_sum, self.count = m.input_sum[columns], m.target_sum[outputs], m.count
 
     def __call__(self, w: np.ndarray, b: np.ndarray) -> float:
