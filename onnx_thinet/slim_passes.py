@@ -7,7 +7,7 @@ import time
 import numpy as np
 import onnx
 
-from onnx_thinet.calibration.collect import channel_statistics, refit_statistics
+from onnx_thinet.calibration.collect import channel_statistics, reference_tensors, refit_statistics
 from onnx_thinet.calibration.plan import MemoryPlan
 from onnx_thinet.calibration.runtime import ONNXRUNTIME_ERRORS
 from onnx_thinet.calibration.segments import (
@@ -131,7 +131,9 @@ def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_prog
                               f"runs it to calibrate: {one_line(exc)}") from None
         clock = time.perf_counter()
         current = infer_shapes(current, in_place=True)
-        _forget_changed(engine, current, applied, _touched(g for later in waves[pass_index + 1:] for g in later))
+        later = [g for wave in waves[pass_index + 1:] for g in wave]
+        _forget_changed(engine, current, applied, _touched(later),
+                        reference_tensors(engine.reference_model, [c for g in later for c in g.consumers]))
         _add_time(engine.profile, "rewrite", clock)
         if config.finetune_steps:
             current = _finetune_between_passes(current, engine.reference_model, config, pass_index,
@@ -204,8 +206,9 @@ def _touched(groups) -> set[str]:
     return nodes
 
 
-def _forget_changed(engine: _Engine, current, applied, future: set[str]) -> None:
-    """Drop stored tensors that the cuts changed; consumer inputs lose the removed positions."""
+def _forget_changed(engine: _Engine, current, applied, future: set[str], reference_needs: set[str]) -> None:
+    """Drop stored tensors that the cuts changed; consumer inputs lose the removed positions.
+    The reference keeps what later passes will read from it (`reference_needs`) computable."""
     changed = _touched(group for group, _ in applied)
     consumers = {c.node for group, _ in applied for c in group.consumers}
     deletions: dict[str, tuple[int, np.ndarray]] = {}
@@ -219,7 +222,7 @@ def _forget_changed(engine: _Engine, current, applied, future: set[str]) -> None
             seen.add(name)
     engine.current.invalidate(current, changed, deletions, exact=consumers, future=future)
     if engine.reference is not None:  # unchanged, but later passes read behind today's cut
-        engine.reference.prune(engine.reference_model, future)
+        engine.reference.prune(engine.reference_model, future, reference_needs)
 
 
 def _add_time(profile: dict[str, float], key: str, clock: float) -> None:

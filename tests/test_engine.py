@@ -221,3 +221,40 @@ def test_conv_windows_match_a_padded_copy(attrs, per_image):
         want = padded[at.row[s], :, top : top + 3 * dh : dh, left : left + 2 * dw : dw]
         np.testing.assert_array_equal(got[s], want)
     np.testing.assert_array_equal(conv_patches(x, (4, 5, 3, 2), geometry, at)[:, channels], got)
+
+
+@pytest.mark.parametrize("attrs", [
+    {"pads": [1, 1, 1, 1]},
+    {"pads": [0, 2, 1, 0], "strides": [2, 1], "dilations": [2, 1]},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+])
+def test_a_conv_output_read_at_sampled_windows_is_the_sum_of_their_contributions(attrs):
+    """The reference's targets come from onnxruntime's Conv output at the sampled places: they
+    must be what the windows and the weight give there (bias included)."""
+    from onnx_thinet.calibration.windows import (
+        conv_contributions,
+        conv_geometry,
+        conv_output_rows,
+        conv_output_samples,
+        conv_patches,
+        conv_positions,
+    )
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 5, 7, 9)).astype(np.float32)
+    w = rng.standard_normal((4, 5, 3, 2)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 2], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    geometry = conv_geometry(node, x.shape, w.shape)
+    at = conv_positions(3, 4, geometry, 20, rng)
+    sums = conv_contributions(x, w, geometry, at).sum(axis=1) + b[at.unit]
+    np.testing.assert_allclose(conv_output_samples(y, geometry, at, at.unit), sums, rtol=1e-5, atol=1e-5)
+    filters = np.array([3, 0, 2])
+    rows = conv_patches(x, w.shape, geometry, at).reshape(len(at.row), -1) @ w[filters].reshape(3, -1).T + b[filters]
+    np.testing.assert_allclose(conv_output_rows(y, geometry, at, filters), rows, rtol=1e-5, atol=1e-5)
+    assert conv_output_samples(y[:, :, :-1], geometry, at, at.unit) is None  # not this conv's output

@@ -21,14 +21,20 @@ from onnx import helper, numpy_helper
 from onnx_thinet.calibration.linear import LinearChannelMoments, channel_positions
 from onnx_thinet.calibration.segments import SegmentRunner
 from onnx_thinet.calibration.windows import (
+    ConvGeometry,
+    Positions,
     conv_contributions,
     conv_geometry,
+    conv_output_rows,
+    conv_output_samples,
     conv_patches,
     conv_positions,
     linear_contributions,
     linear_positions,
 )
+from onnx_thinet.channels.consumers import CONV
 from onnx_thinet.channels.layout import ChannelGroup, Consumer, channel_indicator, removed_positions
+from onnx_thinet.errors import InternalError
 from onnx_thinet.solve.solvers import FitMoments, FitSamples
 from onnx_thinet.solve.threads import blas_threads_for
 
@@ -37,6 +43,7 @@ __all__ = [
     "RefitStats",
     "channel_statistics",
     "refit_statistics",
+    "reference_tensors",
     "samples_per_image",
 ]
 
@@ -147,12 +154,15 @@ def channel_statistics(
     Returns stats[group.producer][consumer.node].
     """
     tensors = sorted({c.input for g in groups for c in g.consumers})
-    current.ensure(model, tensors)
-    if reference is not None:
-        reference.ensure(reference_model, tensors)
     consumers = [c for g in groups for c in g.consumers]
+    current.ensure(model, tensors)
+    outputs = _reference_outputs(reference_model, consumers) if reference is not None else {}
+    ref_tensors = sorted(reference_tensors(reference_model, consumers)) if reference is not None else []
+    if reference is not None:
+        reference.ensure(reference_model, ref_tensors)
     weights = {c.node: _consumer_weight(model, c) for c in consumers}
     ref_weights = _reference_weights(reference_model, consumers, kept_outputs) if reference else {}
+    ref_biases = {c.node: _consumer_bias(reference_model, c) for c in consumers if c.node in outputs}
     nodes = {n.name: n for n in model.graph.node}
     stats = {g.producer: {c.node: ConsumerStats(g.channels) for c in g.consumers} for g in groups}
     rng = np.random.default_rng(seed)
@@ -160,16 +170,19 @@ def channel_statistics(
     exact: dict[tuple[str, str], LinearChannelMoments] = {}
     for batch in range(current.batching.count):
         values = {name: current.get(name, batch) for name in tensors}
-        ref_values = {name: reference.get(name, batch) for name in tensors} if reference else {}
+        ref_values = {name: reference.get(name, batch) for name in ref_tensors} if reference else {}
         for group in groups:
             count = samples_per_image(group.channels, images, per_image)
             for consumer in group.consumers:
                 entry, x = stats[group.producer][consumer.node], values[consumer.input]
                 ref_x, ref_weight = ref_values.get(consumer.input), ref_weights.get(consumer.node)
                 if consumer.kind.windowed:
+                    ref = None if reference is None else _ReferenceReader(
+                        ref_x, ref_weight, ref_values.get(outputs.get(consumer.node)),
+                        ref_biases.get(consumer.node, 0.0), (kept_outputs or {}).get(consumer.node))
                     with blas_threads_for(group.channels):
                         _add_channel_samples(entry, group.channels, consumer, nodes[consumer.node], x,
-                                             weights[consumer.node], ref_x, ref_weight, count, rng, zero_counts)
+                                             weights[consumer.node], ref, count, rng, zero_counts)
                     continue
                 key = (group.producer, consumer.node)
                 if key not in exact:
@@ -181,8 +194,66 @@ def channel_statistics(
     return stats
 
 
+@dataclass(frozen=True)
+class _ReferenceReader:
+    """A windowed reader in the original network on one batch: its input and its weight (the
+    filters the reader still has) and, for a plain Conv, its output as onnxruntime computed it in
+    the forward pass, with its bias and the original index of each filter still there (None: all)."""
+
+    x: np.ndarray | None  # not stored when the output is
+    weight: np.ndarray
+    output: np.ndarray | None = None
+    bias: np.ndarray | float = 0.0
+    filters: np.ndarray | None = None
+
+    def sums(self, sampler: _Sampler) -> np.ndarray:
+        """Σ_c x̂_c at the sampled outputs: the output there less the bias, when it is known."""
+        if self.output is None:
+            return sampler(self.x, self.weight).sum(axis=1)
+        units = sampler.at.unit if self.filters is None else np.asarray(self.filters)[sampler.at.unit]
+        out = _known(conv_output_samples(self.output, sampler.geometry, sampler.at, units))
+        return out.astype(np.float64) - (np.take(self.bias, units) if np.ndim(self.bias) else self.bias)
+
+    def rows(self, geometry: ConvGeometry, at: Positions) -> np.ndarray:
+        """Every filter's output (bias included) at the sampled windows."""
+        filters = np.arange(self.weight.shape[0]) if self.filters is None else np.asarray(self.filters)
+        return _known(conv_output_rows(self.output, geometry, at, filters)).astype(np.float64)
+
+
+def _known(values: np.ndarray | None) -> np.ndarray:
+    if values is None:  # onnxruntime's output and our window geometry disagree on the Conv
+        raise InternalError("a Conv reader's output does not have the size its windows give")
+    return values
+
+
+def reference_tensors(model: onnx.ModelProto, consumers: Sequence[Consumer]) -> set[str]:
+    """What the statistics of `consumers` read from the original network `model`: the output of
+    a plain Conv reader, the input of any other."""
+    outputs = _reference_outputs(model, consumers)
+    return {c.input for c in consumers if c.node not in outputs} | set(outputs.values())
+
+
+def _reference_outputs(model: onnx.ModelProto, consumers: Sequence[Consumer]) -> dict[str, str]:
+    """The output tensor of each plain Conv reader (one group) in the original network.
+
+    Its values at the sampled places are the targets: the next pass computes that output in
+    its forward pass anyway, so storing it now replaces a second gather of the windows and,
+    for the refit, a product with the whole weight at every sampled place.
+    """
+    nodes = {n.name: n for n in model.graph.node}
+    outputs = {}
+    for consumer in consumers:
+        node = nodes.get(consumer.node)
+        if (consumer.kind == CONV and node is not None and node.op_type == "Conv"
+                and node.domain in ("", "ai.onnx") and node.output and node.output[0]):
+            group = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+            if group == 1:
+                outputs[consumer.node] = node.output[0]
+    return outputs
+
+
 def _add_channel_samples(entry: ConsumerStats, channels: int, consumer: Consumer, node, x, weight,
-                         ref_x, ref_weight, count: int, rng, zero_counts: bool) -> None:
+                         ref: _ReferenceReader | None, count: int, rng, zero_counts: bool) -> None:
     """Sampled per-channel contributions x̂ and the target ŷ of one consumer on one batch."""
     sampler = _sampler(consumer, node, x.shape, weight, count, rng)
     contrib = sampler(x, weight)
@@ -195,8 +266,8 @@ def _add_channel_samples(entry: ConsumerStats, channels: int, consumer: Consumer
     # The target is the group's share of the output; other inputs of the consumer
     # (a Concat's foreign entries) are not touched by this selection.
     target = per_channel.sum(axis=1)
-    if ref_x is not None:
-        target = target + sampler(ref_x, ref_weight).sum(axis=1) - contrib.sum(axis=1)
+    if ref is not None:
+        target = target + ref.sums(sampler) - contrib.sum(axis=1)
     entry.add(per_channel, target)
     if zero_counts:
         _count_zeros(entry, x, axis, indicator)
@@ -254,6 +325,9 @@ def refit_statistics(
     biases = {c.node: _filters(_consumer_bias(source_model, c), c,
                                (kept_outputs or {}).get(c.node) if reference else None, bias=True)
               for c in consumers}
+    outputs = _reference_outputs(reference_model, consumers) if reference is not None else {}
+    if outputs:
+        reference.ensure(reference_model, sorted(outputs.values()))  # stored by the first sweep
     nodes = {n.name: n for n in model.graph.node}
     rng = np.random.default_rng(seed)
     images = len(current.batching.indices)
@@ -261,12 +335,16 @@ def refit_statistics(
         first = current.batching.first_image(batch)
         for consumer in consumers:
             x = current.get(consumer.input, batch)
-            ref_x = source.get(consumer.input, batch) if reference is not None else x
+            if consumer.node in outputs:
+                ref = _ReferenceReader(None, weights[consumer.node], source.get(outputs[consumer.node], batch),
+                                       filters=(kept_outputs or {}).get(consumer.node))
+            else:
+                ref = source.get(consumer.input, batch) if reference is not None else x
             axis = consumer.kind.channel_axis(x.ndim)
             lost = removed_positions(consumer.weight.layout, kept, group.channels, x.shape[axis])
             window = int(np.prod(weights[consumer.node].shape[2:])) if consumer.kind.windowed else 1
             with blas_threads_for((x.shape[axis] - len(lost)) * window):  # the refit's unknowns
-                _add_refit(stats[consumer.node], consumer, nodes[consumer.node], x, ref_x, weights[consumer.node],
+                _add_refit(stats[consumer.node], consumer, nodes[consumer.node], x, ref, weights[consumer.node],
                            biases[consumer.node], lost, images, rng, first)
 
 
@@ -275,31 +353,44 @@ def _reference_weights(model, consumers, kept_outputs) -> dict[str, np.ndarray]:
     return {c.node: _filters(_consumer_weight(model, c), c, maps.get(c.node)) for c in consumers}
 
 
-def _sampler(consumer: Consumer, node, x_shape, weight, count: int, rng):
-    """Draw sample positions once; the returned function evaluates them on any (x, weight)."""
+@dataclass(frozen=True)
+class _Sampler:
+    """Positions drawn once; calling it evaluates the contributions there on any (x, weight)."""
+
+    at: Positions
+    geometry: ConvGeometry | None  # windowed readers
+    evaluate: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+    def __call__(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return self.evaluate(x, weight)
+
+
+def _sampler(consumer: Consumer, node, x_shape, weight, count: int, rng) -> _Sampler:
     if consumer.kind.windowed:
         view = _conv_view(consumer, node)
         conv_node, shape = view.node, view.shape(x_shape)
         geometry = conv_geometry(conv_node, shape, weight.shape)
         positions = conv_positions(x_shape[0], weight.shape[0], geometry, count, rng)
-        return lambda x, w: conv_contributions(view.input(x), w, geometry, positions)
+        return _Sampler(positions, geometry,
+                        lambda x, w: conv_contributions(view.input(x), w, geometry, positions))
     rows = int(np.prod(x_shape[:-1], dtype=np.int64))
     positions = linear_positions(rows, weight.shape[1], count, rng)
-    return lambda x, w: linear_contributions(x, w, positions)
+    return _Sampler(positions, None, lambda x, w: linear_contributions(x, w, positions))
 
 
-def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight, bias, lost,
+def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref, weight, bias, lost,
                images: int, rng, first_image: int) -> None:
     """Sample the kept positions of consumer inputs `x` (all but `lost`) at random places;
-    targets are all outputs there."""
+    targets are all outputs there. `ref` is the reference input, or a `_ReferenceReader`
+    that knows the reference output."""
     axis = consumer.kind.channel_axis(x.ndim)
     if consumer.kind.windowed:
         view = _conv_view(consumer, node)
         kept = np.setdiff1d(np.arange(x.shape[axis]), lost)
-        inputs, targets, image = _conv_refit_rows(view.node, view.input(x), view.input(ref_x), weight, bias,
-                                                  images, rng, kept)
+        ref = ref if isinstance(ref, _ReferenceReader) else view.input(ref)
+        inputs, targets, image = _conv_refit_rows(view.node, view.input(x), ref, weight, bias, images, rng, kept)
     else:
-        inputs, targets, image = _linear_refit_rows(np.delete(x, lost, axis=axis), ref_x, weight, bias)
+        inputs, targets, image = _linear_refit_rows(np.delete(x, lost, axis=axis), ref, weight, bias)
     if entry.refit is None:  # the prior (a copy of the kept weight) only once
         if consumer.kind.windowed:
             prior = np.delete(weight, lost, axis=1)
@@ -313,8 +404,10 @@ def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref_x, weight,
     entry.refit.add(inputs, targets, (first_image + image) % 2 == 1)
 
 
-def _conv_refit_rows(node, x, ref_x, weight, bias, images: int, rng, kept: np.ndarray):
-    """Windows of the `kept` input channels and the reference conv's outputs at the same places."""
+def _conv_refit_rows(node, x, ref, weight, bias, images: int, rng, kept: np.ndarray):
+    """Windows of the `kept` input channels and the reference conv's outputs at the same places
+    (read from its stored output when `ref` is a `_ReferenceReader`, else computed from the
+    reference input `ref`)."""
     kept_shape = (weight.shape[0], len(kept), *weight.shape[2:])
     dims = int(np.prod(kept_shape[1:]))
     geometry = conv_geometry(node, x.shape, kept_shape)
@@ -322,7 +415,9 @@ def _conv_refit_rows(node, x, ref_x, weight, bias, images: int, rng, kept: np.nd
     per_image = min(places, max(10, math.ceil(REFIT_ROWS_PER_UNKNOWN * dims / max(images, 1))))
     at = conv_positions(x.shape[0], 1, geometry, per_image, rng)
     inputs = conv_patches(x, kept_shape, geometry, at, channels=kept).reshape(len(at.row), -1)
-    ref_inputs = conv_patches(ref_x, weight.shape, geometry, at).reshape(len(at.row), -1)
+    if isinstance(ref, _ReferenceReader):
+        return inputs, ref.rows(geometry, at), at.row
+    ref_inputs = conv_patches(ref, weight.shape, geometry, at).reshape(len(at.row), -1)
     targets = (ref_inputs @ weight.reshape(weight.shape[0], -1).T).astype(np.float64) + bias
     return inputs, targets, at.row
 

@@ -103,16 +103,17 @@ class SegmentRunner:
     def get(self, name: str, batch: int) -> np.ndarray:
         return self.store.get(name, batch)
 
-    def prune(self, model: onnx.ModelProto, future: Iterable[str] = ()) -> None:
+    def prune(self, model: onnx.ModelProto, future: Iterable[str] = (), needed: Iterable[str] = ()) -> None:
         """Drop stored tensors that no later computation needs (call between passes).
 
         Stored tensors downstream of `future` nodes (to be cut by later passes) will be
         recomputed, so what they are computed from is kept too (a U-Net's skip tensors).
+        What later passes will ask for (`needed`) is kept computable from what stays.
         """
         graph = NodeIndex(model)
         available = self._available(graph)
         unstable = graph.downstream_tensors(future)
-        keep = graph.cut(available) | graph.cut(available - unstable)
+        keep = graph.cut(available, needed) | graph.cut(available - unstable, needed)
         for name in self.store.names():
             if name not in keep:
                 self.store.drop(name)
@@ -206,11 +207,12 @@ class NodeIndex:
                     stack.append(name)
         return [n for n in self.nodes if id(n) in chosen]
 
-    def cut(self, available: set[str]) -> set[str]:
-        """Available tensors that the graph outputs still need (walking back, stopping at them)."""
+    def cut(self, available: set[str], needed: Iterable[str] = ()) -> set[str]:
+        """Available tensors that the graph outputs and the `needed` tensors still need
+        (walking back, stopping at them)."""
         keep: set[str] = set()
         seen: set[str] = set()
-        stack = list(self.outputs)
+        stack = [*self.outputs, *needed]
         while stack:
             name = stack.pop()
             if name in seen:

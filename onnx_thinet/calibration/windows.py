@@ -17,6 +17,8 @@ __all__ = [
     "Positions",
     "conv_contributions",
     "conv_geometry",
+    "conv_output_rows",
+    "conv_output_samples",
     "conv_patches",
     "conv_positions",
     "linear_contributions",
@@ -101,6 +103,38 @@ def conv_contributions(
         rows = slice(start, start + step)
         out[rows] = np.einsum("sck,sck->sc", patches[rows], weight[at.unit[rows]])
     return out
+
+
+def conv_output_samples(y: np.ndarray, geometry: ConvGeometry, at: Positions,
+                        units: np.ndarray) -> np.ndarray | None:
+    """A conv's output `y` (N, F, ...) at each sampled window and the filter `units[s]` of that
+    sample, (S,); None when `y` does not have the geometry's output size."""
+    places = _output_places(y, geometry, at)
+    if places is None:
+        return None
+    y, oy, ox = places
+    return y[at.row, units, oy, ox]
+
+
+def conv_output_rows(y: np.ndarray, geometry: ConvGeometry, at: Positions,
+                     filters: np.ndarray) -> np.ndarray | None:
+    """A conv's output `y` (N, F, ...) at the sampled windows for the given filters,
+    (S, len(filters)); None when `y` does not have the geometry's output size."""
+    places = _output_places(y, geometry, at)
+    if places is None:
+        return None
+    y, oy, ox = places
+    return y[at.row[:, None], np.asarray(filters)[None, :], oy[:, None], ox[:, None]]
+
+
+def _output_places(y: np.ndarray, geometry: ConvGeometry, at: Positions):
+    if y.ndim == 3:
+        y = y[:, :, None, :]
+    if y.ndim != 4 or tuple(y.shape[2:]) != tuple(geometry.out_size):
+        return None
+    oy = (at.top + geometry.pads_begin[0]) // geometry.strides[0]
+    ox = (at.left + geometry.pads_begin[1]) // geometry.strides[1]
+    return y, oy, ox
 
 
 _GATHER_ELEMENTS = 1 << 22  # gathered entries per block (int64 indices: 32 MB)
