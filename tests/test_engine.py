@@ -124,6 +124,29 @@ def test_passes_with_small_statistics_keep_more_activations_in_memory():
     assert plan.store_ram_for(10**9) == plan.store_ram  # never below the plan
 
 
+@pytest.mark.parametrize("declared", [[None, 2, 4, 4], [None, 5, 3, 3], None])
+def test_segment_outputs_are_onnxruntimes_whatever_shape_inference_declared(declared):
+    """Outputs go straight into arrays of the declared (or last batch's) shape; a shape that
+    lies falls back to onnxruntime's own outputs, never to wrong values."""
+    from onnx_thinet.calibration.segments import Batching, SegmentRunner
+
+    x = np.random.default_rng(2).standard_normal((7, 2, 4, 4)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    if declared is not None:
+        graph.value_info.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, declared))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    store = ActivationStore(3, ram_budget=1 << 30)
+    runner = SegmentRunner(ArrayData({"x": x}), Batching(np.arange(7), 3), store, "cpu", {})
+    try:
+        runner.ensure(model, ["r"])
+        for batch in range(3):
+            np.testing.assert_array_equal(runner.get("r", batch), np.maximum(x[3 * batch : 3 * batch + 3], 0))
+    finally:
+        store.close()
+
+
 def test_kept_rows_give_the_moment_solution_when_rows_are_fewer_than_inputs():
     """A wide layer keeps its rows (n × dims), not a dims² matrix: same refit, same ridge."""
     rng = np.random.default_rng(4)
