@@ -429,7 +429,7 @@ class _HeldOutFit:
         self.base = np.zeros_like(cross) if prior is None else _block(prior, columns, scored)
         self.rhs = cross - self.gram @ self.base
         self.mean_var = max(float(np.trace(self.gram)) / max(len(columns), 1), 1e-30)
-        self.score = _HeldOutError(test, columns, scored)
+        self.score = _HeldOutError(test, columns, scored, single=len(columns) >= FLOAT32_DIMS)
 
     def error(self, ridge: float) -> float:
         if len(self.gram) < FLOAT32_DIMS:
@@ -442,8 +442,7 @@ class _HeldOutFit:
     @functools.cached_property
     def _eigen(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         values, vectors = linalg.eigh(self.gram.astype(np.float32), driver="evd")
-        values, vectors = values.astype(np.float64), vectors.astype(np.float64)
-        return values, vectors, vectors.T @ self.rhs
+        return values.astype(np.float64), vectors, vectors.T.astype(np.float64) @ self.rhs
 
     def _eigen_step(self, ridge: float) -> np.ndarray:
         """The floored solve from float32 eigen-pairs, decomposed once for the whole grid (a
@@ -453,7 +452,8 @@ class _HeldOutFit:
         floor = max(float(values.max()), 1e-30) * 1e-12
         shrink = values + ridge * self.mean_var
         # directions the training fold does not see at all keep W₀ (a min-norm change)
-        return vectors @ np.where((shrink > floor)[:, None], projected / np.maximum(shrink, floor)[:, None], 0.0)
+        step = np.where((shrink > floor)[:, None], projected / np.maximum(shrink, floor)[:, None], 0.0)
+        return (vectors @ step.astype(np.float32)).astype(np.float64)  # float32 pairs, float32 product
 
 
 SCORED_OUTPUTS = 128
@@ -472,12 +472,15 @@ class _HeldOutError:
     """‖T − P W − 1 bᵀ‖² on a held-out fold's moments, up to a constant (‖T‖², which does not
     depend on the fit), for the `outputs` scored; the fold's Gram is sliced once."""
 
-    def __init__(self, m: FitMoments, columns: np.ndarray, outputs: np.ndarray):
+    def __init__(self, m: FitMoments, columns: np.ndarray, outputs: np.ndarray, single: bool = False):
         self.gram = _block(m.gram, columns, columns)
+        if single:  # a wide layer scored with float32 fits: its G·W in float32 too (half the time)
+            self.gram = self.gram.astype(np.float32)
         self.cross = _block(m.cross, columns, outputs)
         self.input_sum, self.target_sum, self.count = m.input_sum[columns], m.target_sum[outputs], m.count
 
     def __call__(self, w: np.ndarray, b: np.ndarray) -> float:
+        product = self.gram @ w.astype(self.gram.dtype, copy=False)
         return float(-2.0 * np.sum(w * self.cross) - 2.0 * float(b @ self.target_sum)
-                     + np.sum(w * (self.gram @ w)) + 2.0 * float(b @ (self.input_sum @ w))
+                     + np.sum(w * product) + 2.0 * float(b @ (self.input_sum @ w))
                      + self.count * float(b @ b))
