@@ -177,6 +177,32 @@ def test_canonicalization_reports_every_optional_step():
     assert all(s.applied == (s.reason is None) for s in steps)
 
 
+def test_a_step_that_changes_the_outputs_is_skipped_and_the_other_kept(monkeypatch):
+    """The steps are checked together first; when their result differs, each on its own."""
+    from onnx_thinet.io import graph
+
+    model, _ = builders.conv_bn_relu()
+    simplify = graph._simplify_onnxsim
+
+    def doubling(m):  # a simplifier that gets a weight wrong
+        out = simplify(m)
+        t = next(t for t in out.graph.initializer if len(t.dims) == 4)
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 2, t.name))
+        return out
+
+    monkeypatch.setattr(graph, "_simplify_onnxsim", doubling)
+    canonical, steps = canonicalize_steps(model)
+    assert [(s.step, s.applied, s.reason) for s in steps] == [
+        ("onnxsim", False, "changed the outputs"), ("onnxruntime", True, None)]
+    import onnxruntime as ort
+
+    x = builders.calibration(model, n=4)
+    feed = model.graph.input[0].name
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {feed: x})[0]
+           for m in (model, canonical)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-4, atol=1e-5)
+
+
 def test_a_skipped_step_is_in_the_slim_report_with_its_reason():
     """float16 on CPU: onnxruntime's optimizer wraps kernels in Casts, a step slim refuses."""
     from onnx_thinet import SlimConfig, slim

@@ -227,17 +227,58 @@ def canonicalize_steps(
     """Canonical form of `model` and, per optional step, whether it was applied and why not.
 
     Constants become initializers, then onnx-simplifier folds shape arithmetic and
-    onnxruntime's basic optimizer removes no-op nodes. Each optional step is checked
-    against the input's outputs on random data and skipped if it fails or changes them;
-    a skipped step is logged and returned with its reason, never silently dropped.
+    onnxruntime's basic optimizer removes no-op nodes. The steps' result is checked against
+    the input's outputs on random data; when it differs, each step is checked on its own and
+    skipped if it fails or changes them. A skipped step is logged and returned with its
+    reason, never silently dropped.
     """
-    own = onnx.ModelProto()
-    own.CopyFrom(model)  # the one copy of the weights; every step below edits or replaces it
-    model = _name_nodes(_weights_without_identity(_weights_not_inputs(_constants_to_initializers(own))))
     steps = (("onnxsim", _simplify_onnxsim), ("onnxruntime", _optimize_ort_basic))
     if not simplify:
-        return (infer_shapes(model, in_place=True),
+        return (infer_shapes(_prepared(model), in_place=True),
                 tuple(CanonicalStep(n, False, "simplify=False") for n, _ in steps))
+    chained = _chained(model, steps)
+    if chained is None:
+        chained = _stepwise(model, steps)
+    canonical, done = chained
+    for step in done:
+        if step.applied:
+            logger.info("canonicalization: %s applied (outputs unchanged on random inputs)", step.step)
+        else:
+            logger.info("canonicalization: %s skipped: %s", step.step, step.reason)
+    return infer_shapes(_name_nodes(_constants_to_initializers(canonical)), in_place=True), done
+
+
+def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` (the one copy of its weights) with constants and weights in one place."""
+    own = onnx.ModelProto()
+    own.CopyFrom(model)
+    return _name_nodes(_weights_without_identity(_weights_not_inputs(_constants_to_initializers(own))))
+
+
+def _chained(model: onnx.ModelProto, steps) -> tuple[onnx.ModelProto, tuple[CanonicalStep, ...]] | None:
+    """Every step in turn, checked once at the end (one probe session fewer per step than
+    checking each: a VGG-16 session costs seconds); None when the result's outputs differ or
+    cannot be compared, so that each step is judged on its own."""
+    current, reference, failed = _prepared(model), None, {}
+    for name, step in steps:
+        try:
+            with quiet_onnxruntime():
+                candidate = step(current)
+        except Exception as exc:  # third-party optimizers fail in many ways; reported below
+            failed[name] = f"failed: {type(exc).__name__}: {one_line(exc)}"
+            continue
+        reference = reference or probe(current)  # the prepared input, probed before it goes
+        current = candidate
+    if reference is None:  # no step ran: nothing to check
+        return current, tuple(CanonicalStep(n, False, failed[n]) for n, _ in steps)
+    if outputs_differ(reference, current)[0] is not None:
+        return None
+    return current, tuple(CanonicalStep(n, n not in failed, failed.get(n)) for n, _ in steps)
+
+
+def _stepwise(model: onnx.ModelProto, steps) -> tuple[onnx.ModelProto, tuple[CanonicalStep, ...]]:
+    """Each step checked against the model before it, and kept only when the outputs agree."""
+    model = _prepared(model)
     done = []
     reference = None  # the probe of `model`, reused across steps while `model` stays
     for name, step in steps:
@@ -251,12 +292,8 @@ def canonicalize_steps(
             reason, run = outputs_differ(reference, candidate)
             if reason is None:
                 model, reference = candidate, reference_after(candidate, run)
-        if reason is not None:
-            logger.info("canonicalization: %s skipped: %s", name, reason)
-        else:
-            logger.info("canonicalization: %s applied (outputs unchanged on random inputs)", name)
         done.append(CanonicalStep(name, reason is None, reason))
-    return infer_shapes(_name_nodes(_constants_to_initializers(model)), in_place=True), tuple(done)
+    return model, tuple(done)
 
 
 def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
