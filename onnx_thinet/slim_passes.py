@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from onnx_thinet.calibration.collect import channel_statistics, reference_tensors, refit_statistics
-from onnx_thinet.calibration.plan import MemoryPlan, pass_statistics
+from onnx_thinet.calibration.plan import MemoryPlan
 from onnx_thinet.calibration.runtime import ONNXRUNTIME_ERRORS
 from onnx_thinet.calibration.segments import (
     Batching,
@@ -89,14 +89,6 @@ class _Engine:
         self.reference = (SegmentRunner(data, self.batching, self.ref_store, config.device, profile)
                           if config.correct else None)
         self.profile = profile
-        self.plan, self.keep_ratio = plan, config.keep_ratio
-
-    def size_stores_for(self, wave: list[ChannelGroup]) -> None:
-        """Give the stored activations what this pass's statistics leave of the budget."""
-        statistics = pass_statistics(self.reference_model, wave, len(self.batching.indices), self.keep_ratio)
-        share = self.plan.store_ram_for(statistics) // 2
-        self.store.set_ram_budget(share)
-        self.ref_store.set_ram_budget(share)
 
     def close(self) -> None:
         self.store.close()
@@ -129,7 +121,6 @@ def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_prog
         if missing:
             raise InternalError(f"{', '.join(missing)} no longer prunable after earlier cuts")
         wave = [fresh[g.producer] for g in planned]
-        engine.size_stores_for(planned)
         try:
             applied = _prune_wave(engine, current, wave, config, rng, kept_outputs, advance, results)
         except ONNXRUNTIME_ERRORS as exc:

@@ -97,33 +97,6 @@ def test_the_activation_store_reads_back_from_disk_with_deleted_positions(tmp_pa
         disk.close()
 
 
-def test_a_smaller_store_budget_moves_arrays_to_disk_and_they_read_back_the_same():
-    rng = np.random.default_rng(1)
-    arrays = [rng.standard_normal((2, 6, 5)).astype(np.float32) for _ in range(3)]
-    store = ActivationStore(3, ram_budget=1 << 30)
-    try:
-        for batch, array in enumerate(arrays):
-            store.put("t", batch, array)
-        store.delete_positions("t", 1, np.array([4]))
-        store.set_ram_budget(arrays[0].nbytes)  # one batch stays in memory
-        assert store.ram_bytes <= arrays[0].nbytes and store.disk_bytes == 2 * arrays[0].nbytes
-        for batch, array in enumerate(arrays):
-            np.testing.assert_array_equal(store.get("t", batch), np.delete(array, [4], axis=1))
-    finally:
-        store.close()
-
-
-def test_passes_with_small_statistics_keep_more_activations_in_memory():
-    """VGG-16's conv passes store the largest activations; its FC head has the largest statistics."""
-    from onnx_thinet.calibration.plan import MemoryPlan
-
-    plan = MemoryPlan(budget=4000, weights=2000, statistics=1300, statistics_layer="fc1",
-                      activations_per_image=70, batch_size=9, store_ram=35)
-    assert plan.store_ram_for(1300) == plan.store_ram
-    assert plan.store_ram_for(10) == (4000 - 2000 - 10 - 9 * 70) // 2
-    assert plan.store_ram_for(10**9) == plan.store_ram  # never below the plan
-
-
 @pytest.mark.parametrize("declared", [[None, 2, 4, 4], [None, 5, 3, 3], None])
 def test_segment_outputs_are_onnxruntimes_whatever_shape_inference_declared(declared):
     """Outputs go straight into arrays of the declared (or last batch's) shape; a shape that

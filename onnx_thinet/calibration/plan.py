@@ -22,7 +22,7 @@ from onnx_thinet.channels.layout import ChannelGroup
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.feeds import ONNX_TO_NUMPY
 
-__all__ = ["MemoryPlan", "machine_memory", "parse_size", "pass_statistics", "plan_memory"]
+__all__ = ["MemoryPlan", "machine_memory", "parse_size", "plan_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +48,6 @@ class MemoryPlan:
     @property
     def peak(self) -> int:
         return self.weights + self.statistics + self.activations_per_image * self.batch_size + self.store_ram
-
-    def store_ram_for(self, statistics: int) -> int:
-        """The in-memory activation budget of a pass whose statistics take `statistics` bytes:
-        `store_ram` at the largest layer, more where the statistics are smaller (VGG-16's conv
-        passes, whose activations are largest, against its FC head's statistics)."""
-        room = self.budget - self.weights - min(statistics, self.statistics)
-        return int(min(max(self.store_ram, (room - self.batch_size * self.activations_per_image) // 2), STORE_CAP))
 
 
 def parse_size(text: str) -> int:
@@ -97,12 +90,6 @@ def plan_memory(model: onnx.ModelProto, groups: Sequence[ChannelGroup], images: 
     if batch < batch_size:
         logger.info("batches of %d images to stay within --max-memory %s", batch, _mb(budget))
     return MemoryPlan(budget, weights, statistics, layer, per_image, int(batch), int(store_ram))
-
-
-def pass_statistics(model: onnx.ModelProto, groups: Sequence[ChannelGroup], images: int,
-                    keep_ratio: float) -> int:
-    """Bytes of the statistics of the largest layer among `groups` (one pass's)."""
-    return _largest_statistics(model, groups, images, keep_ratio)[0]
 
 
 def _largest_statistics(model: onnx.ModelProto, groups: Sequence[ChannelGroup], images: int,
