@@ -5,8 +5,9 @@ from __future__ import annotations
 from onnx_thinet.channels.analysis import Analysis, analyze
 from onnx_thinet.channels.layout import ChannelGroup, Consumer, Coupled, ParamSlice, Skipped
 from onnx_thinet.errors import InternalError, ThinetError
+from onnx_thinet.io.canonical import canonicalize
 from onnx_thinet.io.data import Preprocess, load_calibration, parse_preprocess
-from onnx_thinet.io.graph import canonicalize, load_model, save_model_atomic
+from onnx_thinet.io.graph import load_model, save_model_atomic
 from onnx_thinet.pytorch.export import export_torch, to_onnx
 from onnx_thinet.slim import GroupResult, SlimConfig, SlimResult, slim
 

@@ -21,8 +21,8 @@ import onnx
 
 from onnx_thinet.channels.analysis import analyze
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.canonical import canonicalize
 from onnx_thinet.io.data import CalibrationData
-from onnx_thinet.io.graph import canonicalize
 from onnx_thinet.planning import Plan, error_curves, plan_keeps, structure_for
 from onnx_thinet.solve.solvers import keep_count
 

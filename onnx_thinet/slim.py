@@ -20,8 +20,9 @@ from onnx_thinet.channels.layout import ChannelGroup
 from onnx_thinet.check.metrics import count_params, total_flops
 from onnx_thinet.check.verify import OutputComparison, check_model, compare_outputs, output_warnings
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.canonical import CanonicalStep, canonicalize_steps
 from onnx_thinet.io.data import CalibrationData
-from onnx_thinet.io.graph import CanonicalStep, canonicalize_steps, infer_shapes, preserve_interface
+from onnx_thinet.io.graph import infer_shapes, preserve_interface
 from onnx_thinet.slim_passes import prune_in_passes, schedule_waves
 from onnx_thinet.slim_types import (
     GroupResult,

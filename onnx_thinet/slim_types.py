@@ -11,7 +11,7 @@ from onnx_thinet.calibration.plan import MemoryPlan
 from onnx_thinet.channels.analysis import Analysis
 from onnx_thinet.check.verify import OutputComparison
 from onnx_thinet.errors import ThinetError
-from onnx_thinet.io.graph import CanonicalStep
+from onnx_thinet.io.canonical import CanonicalStep
 from onnx_thinet.solve.selection import METHODS, RECONSTRUCTIONS
 
 __all__ = [

@@ -16,12 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_thinet.check.measure import ErrorSums, max_relative_error, relative_error
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io import graph as io_graph
+from onnx_thinet.io.canonical import canonicalize_steps
 from onnx_thinet.io.data import read_npz
 from onnx_thinet.io.feeds import SYMBOLIC_DIM, dummy_feeds, dummy_shape
 from onnx_thinet.io.files import atomic_write
 from onnx_thinet.io.graph import (
     DEFAULT_OPSET,
-    canonicalize_steps,
     graph_inputs,
     load_model,
     opset_version,
@@ -179,10 +179,10 @@ def test_canonicalization_reports_every_optional_step():
 
 def test_a_step_that_changes_the_outputs_is_skipped_and_the_other_kept(monkeypatch):
     """The steps are checked together first; when their result differs, each on its own."""
-    from onnx_thinet.io import graph
+    from onnx_thinet.io import canonical
 
     model, _ = builders.conv_bn_relu()
-    simplify = graph._simplify_onnxsim
+    simplify = canonical._simplify_onnxsim
 
     def doubling(m):  # a simplifier that gets a weight wrong
         out = simplify(m)
@@ -190,7 +190,7 @@ def test_a_step_that_changes_the_outputs_is_skipped_and_the_other_kept(monkeypat
         t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 2, t.name))
         return out
 
-    monkeypatch.setattr(graph, "_simplify_onnxsim", doubling)
+    monkeypatch.setattr(canonical, "_simplify_onnxsim", doubling)
     canonical, steps = canonicalize_steps(model)
     assert [(s.step, s.applied, s.reason) for s in steps] == [
         ("onnxsim", False, "changed the outputs"), ("onnxruntime", True, None)]
@@ -227,7 +227,7 @@ def test_simplifier_sees_large_layer_weights_as_inputs_and_gives_them_back():
     many times over); the canonical model has it back as an initializer, interface unchanged."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from onnx_thinet.io.graph import canonicalize_steps
+    from onnx_thinet.io.canonical import canonicalize_steps
 
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((64, 512, 3, 3)).astype(np.float32), "w")

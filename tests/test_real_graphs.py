@@ -19,8 +19,8 @@ from onnx_thinet.channels.analysis import analyze
 from onnx_thinet.channels.consumers import CONV_TRANSPOSE, transposed_conv_as_conv
 from onnx_thinet.cli.main import app
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.canonical import canonicalize
 from onnx_thinet.io.data import ArrayData
-from onnx_thinet.io.graph import canonicalize
 from onnx_thinet.rewrite.surgery import initializer_array
 from tests import real_builders
 from tests.builders import Net

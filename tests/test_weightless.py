@@ -16,7 +16,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_thinet.calibration.runtime import make_session
-from onnx_thinet.io.graph import GraphIndex, canonicalize
+from onnx_thinet.io.canonical import canonicalize
+from onnx_thinet.io.graph import GraphIndex
 from onnx_thinet.io.probe import outputs_differ, probe, reference_after
 from onnx_thinet.io.weightless import (
     LARGE_WEIGHT_ELEMENTS,

@@ -129,7 +129,8 @@ def bench_structure(out: Path, size: int, threads: int | None, batches: tuple[in
 
     from onnx_thinet.channels.analysis import analyze
     from onnx_thinet.check.bench import bench_models
-    from onnx_thinet.io.graph import canonicalize, save_model_atomic
+    from onnx_thinet.io.canonical import canonicalize
+    from onnx_thinet.io.graph import save_model_atomic
     from onnx_thinet.planning import structure_for
     from onnx_thinet.solve.solvers import keep_count
 

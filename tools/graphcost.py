@@ -29,7 +29,8 @@ def main() -> None:
 
     from onnx_thinet.channels.analysis import analyze
     from onnx_thinet.check.metrics import total_flops
-    from onnx_thinet.io.graph import canonicalize_steps, infer_shapes, load_model
+    from onnx_thinet.io.canonical import canonicalize_steps
+    from onnx_thinet.io.graph import infer_shapes, load_model
 
     model = _timed("load_model", lambda: load_model(args.model))
     canonical, steps = _timed("canonicalize_steps", lambda: canonicalize_steps(model))

@@ -24,9 +24,10 @@ from onnx_thinet.channels.analysis import analyze, quantization_refusal
 from onnx_thinet.check.metrics import cost_input_shapes, count_params, layer_costs
 from onnx_thinet.cli.errors import cli_errors, interrupted
 from onnx_thinet.errors import ThinetError
+from onnx_thinet.io.canonical import canonicalize
 from onnx_thinet.io.data import CalibrationData, load_calibration, parse_preprocess
 from onnx_thinet.io.files import write_text_atomic
-from onnx_thinet.io.graph import canonicalize, graph_inputs, load_model, save_model_atomic
+from onnx_thinet.io.graph import graph_inputs, load_model, save_model_atomic
 from onnx_thinet.slim import PassInfo, SlimConfig, SlimResult, slim
 
 app = typer.Typer(
