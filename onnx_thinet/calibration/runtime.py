@@ -57,9 +57,9 @@ def make_session(model: onnx.ModelProto, device: str = "cpu", arena: bool = Fals
     (onnxruntime falls back to the CPU silently when the CUDA libraries cannot be loaded).
 
     The large weights reach onnxruntime as in-memory external initializers, never serialized.
-    `arena`: onnxruntime's CPU arena, for a caller that copies what it keeps of the outputs
-    (they live in the arena, which never shrinks while the session lives: ResNet-50 at 256
-    images peaked at 4.5 GB keeping them, 2.4 GB copying them). It makes runs about a quarter
+    `arena`: onnxruntime's CPU arena, for a caller that does not keep outputs in it (it binds
+    arrays of its own or copies them: the arena never shrinks while the session lives, and
+    ResNet-50 at 256 images peaked at 4.5 GB keeping them there, 2.4 GB copying them). It makes runs about a quarter
     faster than fresh allocations, which this VM faults in slowly. `arrays`: values of the
     initializers `model` carries as dims alone (see `SessionModel`).
     """
@@ -69,6 +69,8 @@ def make_session(model: onnx.ModelProto, device: str = "cpu", arena: bool = Fals
     # (VGG-16: 1.3 s of a 1.9 s start) than they save.
     opts.enable_cpu_mem_arena = arena
     opts.add_session_config_entry("session.disable_prepacking", "1")
+    # numpy's statistics run between the runs: worker threads that spin after a run take its cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = providers_for(device)
     session = session_model(model, arrays).session(opts, [_with_options(p) for p in providers])
     if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in session.get_providers():
