@@ -157,7 +157,7 @@ def channel_statistics(
     consumers = [c for g in groups for c in g.consumers]
     current.ensure(model, tensors)
     outputs = _reference_outputs(reference_model, consumers) if reference is not None else {}
-    ref_tensors = sorted(reference_tensors(reference_model, consumers)) if reference is not None else []
+    ref_tensors = sorted(_read_from_reference(consumers, outputs)) if reference is not None else []
     if reference is not None:
         reference.ensure(reference_model, ref_tensors)
     weights = {c.node: _consumer_weight(model, c) for c in consumers}
@@ -229,7 +229,10 @@ def _known(values: np.ndarray | None) -> np.ndarray:
 def reference_tensors(model: onnx.ModelProto, consumers: Sequence[Consumer]) -> set[str]:
     """What the statistics of `consumers` read from the original network `model`: the output of
     a plain Conv reader, the input of any other."""
-    outputs = _reference_outputs(model, consumers)
+    return _read_from_reference(consumers, _reference_outputs(model, consumers))
+
+
+def _read_from_reference(consumers: Sequence[Consumer], outputs: dict[str, str]) -> set[str]:
     return {c.input for c in consumers if c.node not in outputs} | set(outputs.values())
 
 

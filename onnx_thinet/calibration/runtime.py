@@ -59,9 +59,9 @@ def make_session(model: onnx.ModelProto, device: str = "cpu", arena: bool = Fals
     The large weights reach onnxruntime as in-memory external initializers, never serialized.
     `arena`: onnxruntime's CPU arena, for a caller that does not keep outputs in it (it binds
     arrays of its own or copies them: the arena never shrinks while the session lives, and
-    ResNet-50 at 256 images peaked at 4.5 GB keeping them there, 2.4 GB copying them). It makes runs about a quarter
-    faster than fresh allocations, which this VM faults in slowly. `arrays`: values of the
-    initializers `model` carries as dims alone (see `SessionModel`).
+    ResNet-50 at 256 images peaked at 4.5 GB keeping them there, 2.4 GB copying them). It
+    makes runs about a quarter faster than fresh allocations, which this VM faults in slowly.
+    `arrays`: values of the initializers `model` carries as dims alone (see `SessionModel`).
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # a failure reaches the caller as an exception, not a log line

@@ -84,11 +84,9 @@ def _chained(model: onnx.ModelProto, steps) -> tuple[onnx.ModelProto, tuple[Cano
     cannot be compared, so that each step is judged on its own."""
     current, reference, failed = _prepared(model), None, {}
     for name, step in steps:
-        try:
-            with quiet_onnxruntime():
-                candidate = step(current)
-        except Exception as exc:  # third-party optimizers fail in many ways; reported below
-            failed[name] = f"failed: {type(exc).__name__}: {one_line(exc)}"
+        candidate, failure = _attempt(step, current)
+        if failure is not None:
+            failed[name] = failure
             continue
         reference = reference or probe(current)  # the prepared input, probed before it goes
         current = candidate
@@ -105,18 +103,23 @@ def _stepwise(model: onnx.ModelProto, steps) -> tuple[onnx.ModelProto, tuple[Can
     done = []
     reference = None  # the probe of `model`, reused across steps while `model` stays
     for name, step in steps:
-        try:
-            with quiet_onnxruntime():
-                candidate = step(model)
-        except Exception as exc:  # third-party optimizers fail in many ways; reported below
-            reason = f"failed: {type(exc).__name__}: {one_line(exc)}"
-        else:
+        candidate, reason = _attempt(step, model)
+        if reason is None:
             reference = reference or probe(model)
             reason, run = outputs_differ(reference, candidate)
             if reason is None:
                 model, reference = candidate, reference_after(candidate, run)
         done.append(CanonicalStep(name, reason is None, reason))
     return model, tuple(done)
+
+
+def _attempt(step, model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str | None]:
+    """A step's result, or why it failed (third-party optimizers fail in many ways)."""
+    try:
+        with quiet_onnxruntime():
+            return step(model), None
+    except Exception as exc:
+        return None, f"failed: {type(exc).__name__}: {one_line(exc)}"
 
 
 def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
