@@ -94,17 +94,20 @@ def slim(
                                                 pass_progress)
     timings["calibration"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    current, comparison = _verified(model, canonical, current, results, data, held, plan, config)
     shapes = dict(config.input_shapes) if config.input_shapes else _sample_shapes(data)
+    params_before, flops_before = count_params(canonical), total_flops(canonical, shapes)
+    batch = fixed_batch(canonical) or plan.batch_size
+    del canonical  # a copy of the weights that verification does not need
+    current, comparison = _verified(model, current, results, data, held, batch, config)
     timings["verification"] = time.perf_counter() - clock
     return SlimResult(
         model=current,
         analysis=analysis,
         groups=results,
         verification=comparison,
-        params_before=count_params(canonical),
+        params_before=params_before,
         params_after=count_params(current),
-        flops_before=total_flops(canonical, shapes),
+        flops_before=flops_before,
         flops_after=total_flops(current, shapes),
         flops_input_shapes=shapes,
         forward_passes=len(waves),
@@ -128,15 +131,14 @@ def _canonical_analysis(model: onnx.ModelProto, config: SlimConfig
     return canonical, canonical_steps, analyze(canonical, prune_coupled=config.prune_coupled)
 
 
-def _verified(model: onnx.ModelProto, canonical: onnx.ModelProto, current: onnx.ModelProto,
-              results: list[GroupResult], data: CalibrationData, held: np.ndarray, plan: MemoryPlan,
-              config: SlimConfig) -> tuple[onnx.ModelProto, OutputComparison]:
+def _verified(model: onnx.ModelProto, current: onnx.ModelProto, results: list[GroupResult],
+              data: CalibrationData, held: np.ndarray, batch: int, config: SlimConfig
+              ) -> tuple[onnx.ModelProto, OutputComparison]:
     """The pruned copy with the original's interface and provenance, checked and compared on `held`."""
     current = _finalize(current, model)
     stamp_provenance(current, config, results)
     check_model(current)
-    comparison = compare_outputs(model, current, data, held, fixed_batch(canonical) or plan.batch_size,
-                                 config.device)
+    comparison = compare_outputs(model, current, data, held, batch, config.device)
     return current, comparison
 
 

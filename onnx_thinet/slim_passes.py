@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 
 from onnx_thinet.calibration.collect import channel_statistics, reference_tensors, refit_statistics
+from onnx_thinet.calibration.heap import release_heap_over, reused_heap
 from onnx_thinet.calibration.plan import MemoryPlan
 from onnx_thinet.calibration.runtime import ONNXRUNTIME_ERRORS
 from onnx_thinet.calibration.segments import (
@@ -68,11 +69,12 @@ def prune_in_passes(
 ) -> tuple[onnx.ModelProto, list[GroupResult], dict[str, float]]:
     """Prune `waves` of `canonical` in order; returns the pruned copy, its groups and where time went."""
     profile: dict[str, float] = {}
-    engine = _Engine(canonical, data, train, config, plan, profile)
-    try:
-        current, results = _prune_waves(engine, waves, config, progress, pass_progress)
-    finally:
-        engine.close()
+    with reused_heap():
+        engine = _Engine(canonical, data, train, config, plan, profile)
+        try:
+            current, results = _prune_waves(engine, waves, config, progress, pass_progress)
+        finally:
+            engine.close()
     return current, results, profile
 
 
@@ -89,6 +91,12 @@ class _Engine:
         self.reference = (SegmentRunner(data, self.batching, self.ref_store, config.device, profile)
                           if config.correct else None)
         self.profile = profile
+        # freed memory is kept for reuse while the largest layer's statistics and a batch
+        # of activations still fit above it
+        self.heap_limit = plan.budget - plan.statistics - plan.activations_per_image * plan.batch_size
+
+    def trim_heap(self) -> None:
+        release_heap_over(self.heap_limit)
 
     def close(self) -> None:
         self.store.close()
@@ -112,6 +120,7 @@ def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_prog
             progress(done, total)
 
     for pass_index, planned in enumerate(waves):
+        engine.trim_heap()
         # Re-read the groups on the model as pruned so far: offsets into Concats and shape
         # constants shift when a neighbouring group has been cut.
         clock = time.perf_counter()
@@ -166,6 +175,7 @@ def _prune_wave(engine: _Engine, current, wave, config: SlimConfig, rng, kept_ou
                 if keep < group.channels else np.arange(group.channels))
         _add_time(engine.profile, "selection", clock)
         clock = time.perf_counter()
+        engine.trim_heap()
         if config.reconstruct == "full":
             refit_statistics(current, group, kept, stats[group.producer], engine.current, engine.reference,
                              reference, seed=int(rng.integers(2**31)), kept_outputs=kept_outputs)
@@ -175,6 +185,7 @@ def _prune_wave(engine: _Engine, current, wave, config: SlimConfig, rng, kept_ou
                                          config.ridge)
         _add_time(engine.profile, "refit solve", clock)
         filters = _kept_filters(current, group, selection.kept)  # read before the cut
+        engine.trim_heap()
         if len(selection.kept) < group.channels:
             deletions = _consumer_input_deletions(engine, group, selection.kept)
             apply_selection(current, group, selection.kept, selection.scales, selection.refits)
