@@ -9,6 +9,7 @@ import pytest
 
 from onnx_thinet.solve.baselines import select_apoz, select_l1, select_lasso, select_random
 from onnx_thinet.solve.solvers import (
+    FLOAT32_DIMS,
     RIDGE_GRID,
     FitMoments,
     choose_ridge,
@@ -215,6 +216,35 @@ def test_cross_validated_ridge_is_the_grid_point_with_least_held_out_error():
     best = RIDGE_GRID[int(np.argmin(held_out))]
     assert 0.0 < best < 1e3  # a problem where the grid's inside wins
     assert choose_ridge(folds, cols, prior=prior) == best
+
+
+def test_wide_layers_scored_in_float32_pick_the_ridge_float64_fits_pick():
+    """Past FLOAT32_DIMS unknowns the grid is scored with float32 factors; brute force on the
+    rows with float64 fits (every ridge, all outputs) must agree, on an inside optimum and on
+    an exact fit (ridge 0, the eigen-pairs' path)."""
+    rng = np.random.default_rng(12)
+    dims, outputs, rows = FLOAT32_DIMS + 76, 160, 2400
+    prior = rng.standard_normal((dims, outputs))
+    mix = rng.standard_normal((dims, dims)) * 0.05 + np.eye(dims)  # correlated inputs
+    p = (rng.standard_normal((rows, dims)) * rng.uniform(0.2, 3.0, dims)) @ mix
+    t = (p @ (prior + 0.2 * rng.standard_normal((dims, outputs))) + 0.3
+         + 0.5 * np.sqrt(dims) * rng.standard_normal((rows, outputs)))
+    halves = (np.arange(rows) % 2 == 0, np.arange(rows) % 2 == 1)
+    folds = tuple(_moments(p[h], t[h]) for h in halves)
+    cols = np.arange(dims)
+    held_out = []
+    for ridge in RIDGE_GRID:
+        error = 0.0
+        for train, test in ((0, 1), (1, 0)):
+            w, b = refit_least_squares(folds[train], cols, ridge=ridge, prior=prior)
+            error += float(np.sum((t[halves[test]] - p[halves[test]] @ w - b) ** 2))
+        held_out.append(error)
+    best = RIDGE_GRID[int(np.argmin(held_out))]
+    assert 0.0 < best < 1e3
+    assert choose_ridge(folds, cols, prior=prior) == best
+    exact = p @ prior
+    folds = tuple(_moments(p[h], exact[h]) for h in halves)
+    assert choose_ridge(folds, cols) == 0.0
 
 
 @pytest.mark.parametrize("seed", [2, 4, 5])
