@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from onnx_thinet.solve import solvers
 from onnx_thinet.solve.baselines import select_apoz, select_l1, select_lasso, select_random
 from onnx_thinet.solve.solvers import (
     FLOAT32_DIMS,
@@ -275,16 +276,45 @@ def test_refit_on_duplicated_channels_stays_near_the_prior(seed):
     ([9, 8, 7, 6, 5, 4, 3, 2, 1], 8),  # plain slicing
     ([3, 2, 1, 1, 1, 1, 4, 5, 6], 2),  # ties keep the smaller ridge
 ])
-def test_descending_the_grid_finds_the_minimum_of_a_valley_with_fewer_solves(errors, best):
+@pytest.mark.parametrize("start", [None, 0, 8])
+def test_descending_the_grid_finds_the_minimum_of_a_valley_with_fewer_solves(errors, best, start):
     calls = []
 
     def error(k):
         calls.append(k)
         return errors[k]
 
-    assert descend_grid(error, len(errors)) == best
+    assert descend_grid(error, len(errors), start) == best
     assert len(set(calls)) == len(calls)  # each ridge solved once
-    assert len(calls) <= abs(best - len(errors) // 2) + 3
+    assert len(calls) <= abs(best - (len(errors) // 2 if start is None else start)) + 3
+
+
+def test_a_fit_with_fewer_rows_than_unknowns_walks_from_the_largest_ridge(monkeypatch):
+    """Brute force over the grid on underdetermined folds agrees with the walk, which solves
+    only the ridges from the largest down to one past the best."""
+    solved = []
+    original = solvers._HeldOutFit.error
+    monkeypatch.setattr(solvers._HeldOutFit, "error", lambda self, r: solved.append(r) or original(self, r))
+    rng = np.random.default_rng(14)
+    dims, rows = 60, 80  # folds of 40 rows
+    p = rng.standard_normal((rows, dims))
+    prior = rng.standard_normal((dims, 5))
+    truth = prior + 0.3 * rng.standard_normal((dims, 5))
+    for noise in (100.0, 0.1):
+        t = p @ truth + noise * rng.standard_normal((rows, 5))
+        folds = (_moments(p[::2], t[::2]), _moments(p[1::2], t[1::2]))
+        held_out = []
+        for ridge in RIDGE_GRID:
+            error = 0.0
+            for train, test in ((0, 1), (1, 0)):
+                w, b = refit_least_squares(folds[train], np.arange(dims), ridge=ridge, prior=prior)
+                error += float(np.sum((t[test::2] - p[test::2] @ w - b) ** 2))
+            held_out.append(error)
+        solved.clear()
+        best = int(np.argmin(held_out))
+        assert choose_ridge(folds, np.arange(dims), prior=prior) == RIDGE_GRID[best]
+        assert len(set(solved)) == min(len(RIDGE_GRID), len(RIDGE_GRID) + 1 - best)
+        assert best > len(RIDGE_GRID) // 2 if noise > 1 else best < len(RIDGE_GRID) // 2
 
 
 def test_small_problems_run_on_one_blas_thread_and_large_ones_on_the_callers():

@@ -270,7 +270,7 @@ def _choose_ridge_dual(folds, columns, intercept: bool, prior, grid) -> float:
         for k, ridge in enumerate(grid):
             pred = fixed + across @ (_dual_gain(values, ridge, mean_var)[:, None] * projected)
             errors[k] += float(np.sum(pred * pred))
-    return float(grid[descend_grid(lambda k: errors[k], len(grid))])  # as the moment path walks
+    return float(grid[descend_grid(lambda k: errors[k], len(grid), _grid_start(folds, columns, grid))])
 
 
 def _centered(m: FitMoments, columns: np.ndarray, intercept: bool,
@@ -393,14 +393,27 @@ def choose_ridge(
     scored = scored_outputs(folds[0].outputs)
     sides = [_HeldOutFit(train, test, columns, intercept, prior, scored)
              for train, test in ((folds[0], folds[1]), (folds[1], folds[0]))]
-    return float(grid[descend_grid(lambda k: sum(side.error(grid[k]) for side in sides), len(grid))])
+
+    def error(k: int) -> float:
+        return sum(side.error(grid[k]) for side in sides)
+
+    return float(grid[descend_grid(error, len(grid), _grid_start(folds, columns, grid))])
 
 
-def descend_grid(error, count: int) -> int:
-    """Index of a local minimum of `error` over 0..count-1, walking downhill from the middle.
+def _grid_start(folds, columns: np.ndarray, grid) -> int | None:
+    """Where the walk starts: at the largest ridge when a fold has fewer rows than unknowns
+    (such a fit is mostly its prior: ResNet-50's last 3x3 layers, 1,421 rows for 2,304
+    unknowns, chose the largest every time, after six solves from the middle), else the middle."""
+    return len(grid) - 1 if min(f.count for f in folds) < len(columns) else None
+
+
+def descend_grid(error, count: int, start: int | None = None) -> int:
+    """Index of a local minimum of `error` over 0..count-1, walking downhill from `start`
+    (default: the middle).
 
     Held-out error against the ridge falls to one minimum and rises again, so the walk finds
-    the grid's best point with about half of the solves; ties keep the smaller ridge.
+    the grid's best point with about half of the solves, or fewer from a start near it; ties
+    keep the smaller ridge.
     """
     known: dict[int, float] = {}
 
@@ -409,7 +422,7 @@ def descend_grid(error, count: int) -> int:
             known[k] = error(k)
         return known[k]
 
-    k = count // 2
+    k = count // 2 if start is None else start
     for step in (-1, 1):
         moved = False
         while 0 <= k + step < count and (at(k + step) < at(k) or (step < 0 and at(k + step) == at(k))):
