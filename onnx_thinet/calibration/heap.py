@@ -20,11 +20,13 @@ import platform
 import threading
 from collections.abc import Iterator
 
-__all__ = ["release_heap", "release_heap_over", "resident_bytes", "reused_heap"]
+__all__ = ["release_heap_over", "resident_bytes", "reused_heap"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_DEFAULT_TRIM_THRESHOLD = 128 * 1024  # glibc's defaults, restored on the way out
+# glibc's defaults, restored on the way out (its thresholds then stay where they are instead
+# of adapting to the sizes freed, as they do after any mallopt)
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int
 
@@ -72,12 +74,6 @@ def reused_heap() -> Iterator[None]:
                 _LIBC.malloc_trim(0)
 
 
-def release_heap() -> None:
-    """Return the heap's free memory to the system (a no-op outside glibc)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
 def resident_bytes() -> int:
     """The process's resident set now (0 where /proc is not there)."""
     try:
@@ -88,6 +84,7 @@ def resident_bytes() -> int:
 
 
 def release_heap_over(limit: int) -> None:
-    """`release_heap` when the resident set is over `limit` bytes."""
+    """Return the heap's free memory to the system when the resident set is over `limit` bytes
+    (a no-op outside glibc)."""
     if _LIBC is not None and resident_bytes() > limit:
         _LIBC.malloc_trim(0)
