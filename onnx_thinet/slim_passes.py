@@ -88,8 +88,8 @@ class _Engine:
         self.current = SegmentRunner(data, self.batching, self.store, config.device, profile)
         # the reference's tensors share names with the pruned copy's: a store of their own
         self.ref_store = ActivationStore(self.batching.count, plan.store_ram // 2)
-        self.reference = (SegmentRunner(data, self.batching, self.ref_store, config.device, profile)
-                          if config.correct else None)
+        self.reference = (SegmentRunner(data, self.batching, self.ref_store, config.device, profile,
+                                        fixed_model=True) if config.correct else None)
         self.profile = profile
         # freed memory is kept for reuse while the largest layer's statistics and a batch
         # of activations still fit above it

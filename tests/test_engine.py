@@ -120,6 +120,41 @@ def test_segment_outputs_are_onnxruntimes_whatever_shape_inference_declared(decl
         store.close()
 
 
+def test_the_original_networks_runner_indexes_it_once(monkeypatch):
+    """A runner told that its model never changes indexes it once for every ensure and prune,
+    and indexes another model object afresh; the values are the model's either way."""
+    from onnx_thinet.calibration import segments
+
+    built = []
+    index = segments.NodeIndex.__init__
+    monkeypatch.setattr(segments.NodeIndex, "__init__", lambda self, m: built.append(m) or index(self, m))
+    x = np.random.default_rng(3).standard_normal((5, 2, 3, 3)).astype(np.float32)
+
+    def chain(last: str):
+        nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node(last, ["r"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 2, 3, 3])],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                  value_info=[helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, None)])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    store = ActivationStore(2, ram_budget=1 << 30)
+    runner = segments.SegmentRunner(ArrayData({"x": x}), segments.Batching(np.arange(5), 3), store, "cpu", {},
+                                    fixed_model=True)
+    try:
+        model = chain("Neg")
+        runner.ensure(model, ["r"])
+        runner.ensure(model, ["y"])
+        runner.prune(model)
+        assert len(built) == 1
+        np.testing.assert_array_equal(runner.get("y", 1), -np.maximum(x[3:], 0))
+        store.clear()
+        runner.ensure(chain("Sigmoid"), ["y"])
+        assert len(built) == 2
+        np.testing.assert_allclose(runner.get("y", 0), 1 / (1 + np.exp(-np.maximum(x[:3], 0))), rtol=1e-6)
+    finally:
+        store.close()
+
+
 def test_kept_rows_give_the_moment_solution_when_rows_are_fewer_than_inputs():
     """A wide layer keeps its rows (n × dims), not a dims² matrix: same refit, same ridge."""
     rng = np.random.default_rng(4)

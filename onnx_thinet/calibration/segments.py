@@ -68,14 +68,25 @@ class SegmentRunner:
     """One model's stored activations over the calibration batches, advanced segment by segment."""
 
     def __init__(self, data: CalibrationData, batching: Batching, store: ActivationStore,
-                 device: str, timings: dict[str, float]):
+                 device: str, timings: dict[str, float], fixed_model: bool = False):
         self.data, self.batching, self.store = data, batching, store
         self.device, self.timings = device, timings
         self.runs = 0
+        # the original network never changes: its index serves every pass (a U-Net built it
+        # 324 times); a pruned copy changes in place between calls, so it is indexed each time
+        self.fixed_model = fixed_model
+        self._fixed_index: tuple[onnx.ModelProto, NodeIndex] | None = None
+
+    def _index(self, model: onnx.ModelProto) -> NodeIndex:
+        if not self.fixed_model:
+            return NodeIndex(model)
+        if self._fixed_index is None or self._fixed_index[0] is not model:
+            self._fixed_index = (model, NodeIndex(model))
+        return self._fixed_index[1]
 
     def ensure(self, model: onnx.ModelProto, targets: Sequence[str]) -> None:
         """Compute `targets` for every batch (and store them with the cut later passes need)."""
-        graph = NodeIndex(model)
+        graph = self._index(model)
         nodes = graph.needed_nodes(targets, self._available(graph))
         if not nodes:
             return
@@ -113,7 +124,7 @@ class SegmentRunner:
         recomputed, so what they are computed from is kept too (a U-Net's skip tensors).
         What later passes will ask for (`needed`) is kept computable from what stays.
         """
-        graph = NodeIndex(model)
+        graph = self._index(model)
         available = self._available(graph)
         unstable = graph.downstream_tensors(future)
         keep = graph.cut(available, needed) | graph.cut(available - unstable, needed)
@@ -130,7 +141,7 @@ class SegmentRunner:
         valid once those positions are deleted; it must not lie downstream of `exact` nodes
         (consumers whose weights changed), which invalidate everything after them.
         """
-        graph = NodeIndex(model)
+        graph = self._index(model)
         stale = graph.downstream_tensors(changed)
         rewritten = graph.downstream_tensors(exact)
         for name in self.store.names():
