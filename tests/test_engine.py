@@ -18,7 +18,8 @@ from onnx_thinet import SlimConfig, slim
 from onnx_thinet.calibration.store import ActivationStore
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.data import ArrayData
-from onnx_thinet.solve.solvers import FitMoments, FitSamples, choose_ridge, refit_least_squares
+from onnx_thinet.solve.moments import FitMoments, FitSamples
+from onnx_thinet.solve.solvers import choose_ridge, refit_least_squares
 from tests import builders
 
 ROOT = Path(__file__).resolve().parent.parent

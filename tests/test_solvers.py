@@ -9,10 +9,9 @@ import pytest
 
 from onnx_thinet.solve import solvers
 from onnx_thinet.solve.baselines import select_apoz, select_l1, select_lasso, select_random
+from onnx_thinet.solve.moments import FLOAT32_DIMS, FitMoments
 from onnx_thinet.solve.solvers import (
-    FLOAT32_DIMS,
     RIDGE_GRID,
-    FitMoments,
     choose_ridge,
     descend_grid,
     keep_count,

@@ -35,7 +35,7 @@ from onnx_thinet.calibration.windows import (
 from onnx_thinet.channels.consumers import CONV
 from onnx_thinet.channels.layout import ChannelGroup, Consumer, channel_indicator, removed_positions
 from onnx_thinet.errors import InternalError
-from onnx_thinet.solve.solvers import FitMoments, FitSamples
+from onnx_thinet.solve.moments import FitMoments, FitSamples
 from onnx_thinet.solve.threads import blas_threads_for
 
 __all__ = [

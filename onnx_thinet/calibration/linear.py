@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnx_thinet.channels.layout import Layout
-from onnx_thinet.solve.solvers import FLOAT32_DIMS
+from onnx_thinet.solve.moments import FLOAT32_DIMS
 
 __all__ = ["LinearChannelMoments", "channel_positions"]
 
