@@ -72,8 +72,8 @@ class SegmentRunner:
         self.data, self.batching, self.store = data, batching, store
         self.device, self.timings = device, timings
         self.runs = 0
-        # the original network never changes: its index serves every pass (a U-Net built it
-        # 324 times); a pruned copy changes in place between calls, so it is indexed each time
+        # the original network never changes: one index serves every pass (the U-Net's was
+        # built 323 times); a pruned copy changes in place between calls: indexed each time
         self.fixed_model = fixed_model
         self._fixed_index: tuple[onnx.ModelProto, NodeIndex] | None = None
 

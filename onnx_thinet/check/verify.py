@@ -128,7 +128,8 @@ def compare_outputs(
     over all outputs together and for each output (error, agreement, collapse, range).
 
     The models run one after the other, the reference's outputs kept in between: one session's
-    weights in memory at a time (VGG-16's two sessions took 1.5 GB)."""
+    weights in memory at a time (VGG-16 at 256 images: verification's peak RSS 3,936 → 3,436 MiB,
+    with the canonical copy dropped before it too)."""
     starts = range(0, len(indices), batch_size)
     ref_session = make_session(reference, device)
     names = [o.name for o in ref_session.get_outputs()]
