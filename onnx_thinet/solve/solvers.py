@@ -368,8 +368,9 @@ class _HeldOutFit:
 
     def _single_step(self, ridge: float) -> np.ndarray:
         """The floored solve in float32 for a wide layer: a Cholesky factor per ridge (a tenth of
-        an eigh on 2,304², and held-out errors within 1e-5 of float64's where the eigh's were
-        within 1e-3); the eigen-pairs where the ridge is 0 or the factor fails."""
+        an eigh on 2,304², and held-out errors closer to float64's: ResNet-50's 2,304² folds
+        within 4.3e-4 at the grid's smallest ridge against 4.9e-3 for the eigh); the eigen-pairs
+        where the ridge is 0 or the factor fails."""
         if ridge > 0:
             shifted = self.gram.astype(np.float32)
             shifted.flat[:: len(shifted) + 1] += np.float32(ridge * self.mean_var)
