@@ -372,24 +372,29 @@ class _HeldOutFit:
         within 4.3e-4 at the grid's smallest ridge against 4.9e-3 for the eigh); the eigen-pairs
         where the ridge is 0 or the factor fails."""
         if ridge > 0:
-            shifted = self.gram.astype(np.float32)
+            gram, rhs = self._single
+            shifted = gram.copy()
             shifted.flat[:: len(shifted) + 1] += np.float32(ridge * self.mean_var)
             try:
                 factor = linalg.cho_factor(shifted, lower=True, overwrite_a=True, check_finite=False)
-                return linalg.cho_solve(factor, self.rhs.astype(np.float32), check_finite=False).astype(np.float64)
+                return linalg.cho_solve(factor, rhs, check_finite=False).astype(np.float64)
             except linalg.LinAlgError:
                 pass
         return self._eigen_step(ridge)
 
     @functools.cached_property
+    def _single(self) -> tuple[np.ndarray, np.ndarray]:
+        """The Gram and right-hand side in float32, cast once for every ridge the walk scores."""
+        return self.gram.astype(np.float32), self.rhs.astype(np.float32)
+
+    @functools.cached_property
     def _eigen(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        values, vectors = linalg.eigh(self.gram.astype(np.float32), driver="evd")
+        values, vectors = linalg.eigh(self._single[0], driver="evd")
         return values.astype(np.float64), vectors, vectors.T.astype(np.float64) @ self.rhs
 
     def _eigen_step(self, ridge: float) -> np.ndarray:
-        """The floored solve from float32 eigen-pairs, decomposed once for the whole grid (a
-        2,304² layer: one eigh beats a Cholesky per ridge; the grid's ridges, 1e-3 of the mean
-        variance and up, are far above float32's rounding)."""
+        """The floored solve from float32 eigen-pairs, decomposed once per fold: ridge 0, where
+        directions the fold does not see must be left alone, or a factor that failed."""
         values, vectors, projected = self._eigen
         floor = max(float(values.max()), 1e-30) * 1e-12
         shrink = values + ridge * self.mean_var
