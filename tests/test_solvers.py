@@ -330,3 +330,25 @@ def test_small_problems_run_on_one_blas_thread_and_large_ones_on_the_callers():
     assert threads() == before
     with blas_threads_for(PARALLEL_UNKNOWNS):
         assert threads() == before
+
+
+def test_concurrent_calls_split_the_blas_threads_and_keep_order_and_errors():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from onnx_thinet.solve.threads import concurrently
+
+    def blas_threads():
+        return max(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+
+    with threadpool_limits(limits=4, user_api="blas"):
+        seen = concurrently([blas_threads, blas_threads, lambda: "third"])
+        assert seen == [1, 1, "third"]  # 4 threads over 3 calls: one each
+        assert concurrently([blas_threads, blas_threads]) == [2, 2]
+        assert blas_threads() == 4  # restored
+
+        def fails():
+            raise ValueError("second call")
+
+        with pytest.raises(ValueError, match="second call"):
+            concurrently([lambda: 1, fails])
+        assert blas_threads() == 4
