@@ -94,6 +94,7 @@ class _Engine:
         # freed memory is kept for reuse while the largest layer's statistics and a batch
         # of activations still fit above it
         self.heap_limit = plan.budget - plan.statistics - plan.activations_per_image * plan.batch_size
+        self.ridges_chosen: dict[int, float] = {}  # where each size's ridge search starts
 
     def trim_heap(self) -> None:
         release_heap_over(self.heap_limit)
@@ -182,7 +183,7 @@ def _prune_wave(engine: _Engine, current, wave, config: SlimConfig, rng, kept_ou
         _add_time(engine.profile, "refit statistics", clock)
         clock = time.perf_counter()
         selection = reconstruct_channels(config.reconstruct, group, stats[group.producer], kept,
-                                         config.ridge)
+                                         config.ridge, engine.ridges_chosen)
         _add_time(engine.profile, "refit solve", clock)
         filters = _kept_filters(current, group, selection.kept)  # read before the cut
         engine.trim_heap()

@@ -352,3 +352,30 @@ def test_concurrent_calls_split_the_blas_threads_and_keep_order_and_errors():
         with pytest.raises(ValueError, match="second call"):
             concurrently([lambda: 1, fails])
         assert blas_threads() == 4
+
+
+@pytest.mark.parametrize("noise", [100.0, 1.0, 0.01])
+def test_a_search_started_near_a_similar_layers_ridge_chooses_as_from_the_middle(monkeypatch, noise):
+    """The start only saves solves: from the grid point nearest `near` the walk reaches the
+    ridge the middle start reaches (and brute force picks), in fewer solves when it is near."""
+    solved = []
+    original = solvers._HeldOutFit.error
+    monkeypatch.setattr(solvers._HeldOutFit, "error", lambda self, r: solved.append(r) or original(self, r))
+    rng = np.random.default_rng(5)
+    dims, rows = 40, 400
+    p = rng.standard_normal((rows, dims))
+    prior = rng.standard_normal((dims, 4))
+    t = p @ (prior + 0.3 * rng.standard_normal((dims, 4))) + noise * rng.standard_normal((rows, 4))
+    folds = (_moments(p[::2], t[::2]), _moments(p[1::2], t[1::2]))
+    cols = np.arange(dims)
+    held_out = [sum(float(np.sum((t[test::2] - p[test::2] @ w - b) ** 2))
+                    for train, test in ((0, 1), (1, 0))
+                    for w, b in [refit_least_squares(folds[train], cols, ridge=r, prior=prior)])
+                for r in RIDGE_GRID]
+    best = RIDGE_GRID[int(np.argmin(held_out))]
+    assert choose_ridge(folds, cols, prior=prior) == best
+    for near in (*RIDGE_GRID, 5e-3, 1e9):
+        assert choose_ridge(folds, cols, prior=prior, near=near) == best
+    solved.clear()
+    assert choose_ridge(folds, cols, prior=prior, near=best) == best
+    assert len(set(solved)) <= 3  # the choice and its two neighbours

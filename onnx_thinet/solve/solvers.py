@@ -190,7 +190,7 @@ def _choose_ridge_dual(folds, columns, intercept: bool, prior, grid) -> float:
         for k, ridge in enumerate(grid):
             pred = fixed + across @ (_dual_gain(values, ridge, mean_var)[:, None] * projected)
             errors[k] += float(np.sum(pred * pred))
-    return float(grid[descend_grid(lambda k: errors[k], len(grid), _grid_start(folds, columns, grid))])
+    return float(grid[descend_grid(lambda k: errors[k], len(grid), _grid_start(folds, columns, grid, None))])
 
 
 def _centered(m: FitMoments, columns: np.ndarray, intercept: bool,
@@ -303,13 +303,15 @@ def choose_ridge(
     intercept: bool = True,
     prior: np.ndarray | None = None,
     grid: tuple[float, ...] = RIDGE_GRID,
+    near: float | None = None,
 ) -> float:
     """Two-fold cross-validation of the refit's ridge on moments of disjoint images.
 
     An exact fit (planted redundancy) scores 0 at ridge 0 and keeps it; a fit from a few
     hundred noisy images is pulled toward `prior` as far as helps on images it did not see
     (the largest ridge is plain slicing with a bias correction). The grid is walked downhill
-    from its middle (`descend_grid`), each ridge scored with the solve the refit itself uses.
+    (`descend_grid`) from the grid point nearest `near` (the choice for a similar layer),
+    else from its middle, each ridge scored with the solve the refit itself uses.
     """
     columns = np.asarray(columns, dtype=np.int64)
     if min(f.count for f in folds) <= 1:
@@ -324,7 +326,7 @@ def choose_ridge(
     def error(k: int) -> float:
         return sum(run([functools.partial(side.error, grid[k]) for side in sides]))
 
-    return float(grid[descend_grid(error, len(grid), _grid_start(folds, columns, grid))])
+    return float(grid[descend_grid(error, len(grid), _grid_start(folds, columns, grid, near))])
 
 
 # From this size the two sides of the cross-validation solve at once, on one BLAS thread each
@@ -337,11 +339,19 @@ def _in_turn(calls):
     return [call() for call in calls]
 
 
-def _grid_start(folds, columns: np.ndarray, grid) -> int | None:
+def _grid_start(folds, columns: np.ndarray, grid, near: float | None) -> int | None:
     """Where the walk starts: at the largest ridge when a fold has fewer rows than unknowns
     (such a fit is mostly its prior: ResNet-50's last 3x3 layers, 1,421 rows for 2,304
-    unknowns, chose the largest every time, after six solves from the middle), else the middle."""
-    return len(grid) - 1 if min(f.count for f in folds) < len(columns) else None
+    unknowns, chose the largest every time, after six solves from the middle), else at the
+    grid point nearest `near` (on a log scale, 0 nearest to 0), else the middle (None)."""
+    if min(f.count for f in folds) < len(columns):
+        return len(grid) - 1
+    if near is None:
+        return None
+    if near <= 0:
+        return int(np.argmin(grid))
+    logs = np.log([g if g > 0 else np.inf for g in grid])
+    return int(np.argmin(np.abs(logs - np.log(near))))
 
 
 def descend_grid(error, count: int, start: int | None = None) -> int:
