@@ -7,9 +7,10 @@ import time
 import numpy as np
 import onnx
 
-from onnx_thinet.calibration.collect import channel_statistics, reference_tensors, refit_statistics
+from onnx_thinet.calibration.collect import channel_statistics, reference_tensors
 from onnx_thinet.calibration.heap import release_heap_over, reused_heap
 from onnx_thinet.calibration.plan import MemoryPlan
+from onnx_thinet.calibration.refit import refit_statistics
 from onnx_thinet.calibration.runtime import ONNXRUNTIME_ERRORS
 from onnx_thinet.calibration.segments import (
     Batching,
