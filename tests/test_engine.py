@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnx_thinet import SlimConfig, slim
 from onnx_thinet.calibration.store import ActivationStore
@@ -317,3 +317,20 @@ def test_a_conv_output_read_at_sampled_windows_is_the_sum_of_their_contributions
     rows = conv_patches(x, w.shape, geometry, at).reshape(len(at.row), -1) @ w[filters].reshape(3, -1).T + b[filters]
     np.testing.assert_allclose(conv_output_rows(y, geometry, at, filters), rows, rtol=1e-5, atol=1e-5)
     assert conv_output_samples(y[:, :, :-1], geometry, at, at.unit) is None  # not this conv's output
+
+
+def test_a_refit_after_an_earlier_cut_of_its_input_shrinks_toward_its_own_kept_weights():
+    """Two producers feed one Concat, cut in two passes: when the second pass refits the reader,
+    its input has already lost the first group's channels. With a huge ridge the refit is its
+    prior, which must be the reader's weight on the channels it still reads (not the original
+    weight's first columns)."""
+    model, _ = builders.concat_two_producers(seed=3)
+    x = builders.calibration(model, n=32)
+    result = slim(model, ArrayData({"x": x}), SlimConfig(keep_ratio=0.5, ridge=1e9))
+    kept = {g.producer: list(g.kept) for g in result.groups}
+    assert len(result.groups) == 2 and all(len(k) < c for k, c in zip(kept.values(), (6, 4)))
+    columns = kept["a"] + [6 + k for k in kept["b"]]
+    original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "head.w"))
+    head = next(n for n in result.model.graph.node if n.name == "head")
+    refit = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == head.input[1]))
+    np.testing.assert_allclose(refit, original[:, columns], rtol=1e-4, atol=1e-5)

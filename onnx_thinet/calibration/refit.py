@@ -14,6 +14,7 @@ import onnx
 from onnx_thinet.calibration.readers import (
     ReferenceReader,
     consumer_bias,
+    consumer_weight,
     conv_view,
     kept_filters,
     reference_outputs,
@@ -88,12 +89,15 @@ def refit_statistics(
     source, source_model = (reference, reference_model) if reference is not None else (current, model)
     weights = reference_weights(source_model, consumers, kept_outputs if reference else None)
     biases = {c.node: kept_filters(consumer_bias(source_model, c), c,
-                               (kept_outputs or {}).get(c.node) if reference else None, bias=True)
+                                   (kept_outputs or {}).get(c.node) if reference else None, bias=True)
               for c in consumers}
     outputs = reference_outputs(reference_model, consumers) if reference is not None else {}
     if outputs:
         reference.ensure(reference_model, sorted(outputs.values()))  # stored by the first sweep
     nodes = {n.name: n for n in model.graph.node}
+    # what each refit shrinks toward: the consumer's weight in the pruned copy, on the inputs it
+    # reads now (an earlier pass may have cut other channels of a Concat it reads, or refit it)
+    own = {c.node: consumer_weight(model, c) for c in consumers}
     rng = np.random.default_rng(seed)
     images = len(current.batching.indices)
     for batch in range(current.batching.count):
@@ -102,7 +106,7 @@ def refit_statistics(
             x = current.get(consumer.input, batch)
             if consumer.node in outputs:
                 ref = ReferenceReader(None, weights[consumer.node], source.get(outputs[consumer.node], batch),
-                                       filters=(kept_outputs or {}).get(consumer.node))
+                                      filters=(kept_outputs or {}).get(consumer.node))
             else:
                 ref = source.get(consumer.input, batch) if reference is not None else x
             axis = consumer.kind.channel_axis(x.ndim)
@@ -110,14 +114,14 @@ def refit_statistics(
             window = int(np.prod(weights[consumer.node].shape[2:])) if consumer.kind.windowed else 1
             with blas_threads_for((x.shape[axis] - len(lost)) * window):  # the refit's unknowns
                 _add_refit(stats[consumer.node], consumer, nodes[consumer.node], x, ref, weights[consumer.node],
-                           biases[consumer.node], lost, images, rng, first)
+                           biases[consumer.node], own[consumer.node], lost, images, rng, first)
 
 
-def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref, weight, bias, lost,
+def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref, weight, bias, own, lost,
                images: int, rng, first_image: int) -> None:
     """Sample the kept positions of consumer inputs `x` (all but `lost`) at random places;
     targets are all outputs there. `ref` is the reference input, or a `ReferenceReader`
-    that knows the reference output."""
+    that knows the reference output; `weight` is the reference's, `own` the pruned copy's."""
     axis = consumer.kind.channel_axis(x.ndim)
     if consumer.kind.windowed:
         view = conv_view(consumer, node)
@@ -126,17 +130,25 @@ def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref, weight, b
         inputs, targets, image = _conv_refit_rows(view.node, view.input(x), ref, weight, bias, images, rng, kept)
     else:
         inputs, targets, image = _linear_refit_rows(np.delete(x, lost, axis=axis), ref, weight, bias)
-    if entry.refit is None:  # the prior (a copy of the kept weight) only once
-        if consumer.kind.windowed:
-            prior = np.delete(weight, lost, axis=1)
-            prior = prior.reshape(prior.shape[0], -1).T
-        else:
-            prior = np.delete(weight, lost, axis=0)
-        in_channels = x.shape[axis] - len(lost)
-        rows = _refit_rows_expected(len(inputs), images, x.shape[0])
-        entry.refit = RefitStats(inputs.shape[1], targets.shape[1], in_channels, prior.astype(np.float64),
-                                 columns_kept=True, expected_rows=rows)
+    if entry.refit is None:
+        _start_refit(entry, consumer, own, lost, len(inputs), images, x.shape[0])
     entry.refit.add(inputs, targets, (first_image + image) % 2 == 1)
+
+
+def _start_refit(entry: ConsumerStats, consumer: Consumer, own, lost, rows: int, images: int,
+                 batch: int) -> None:
+    """The consumer's RefitStats, made on its first batch of `rows` rows. The prior is a copy of
+    its own weight on the inputs it keeps: an earlier pass may have cut other channels of a
+    Concat it reads, so the original's weight would not line up with them."""
+    if consumer.kind.windowed:
+        prior = np.delete(own, lost, axis=1)
+        in_channels = prior.shape[1]
+        prior = prior.reshape(prior.shape[0], -1).T
+    else:
+        prior = np.delete(own, lost, axis=0)
+        in_channels = prior.shape[0]
+    entry.refit = RefitStats(prior.shape[0], prior.shape[1], in_channels, prior.astype(np.float64),
+                             columns_kept=True, expected_rows=_refit_rows_expected(rows, images, batch))
 
 
 def _conv_refit_rows(node, x, ref, weight, bias, images: int, rng, kept: np.ndarray):
