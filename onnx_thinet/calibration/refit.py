@@ -95,9 +95,6 @@ def refit_statistics(
     if outputs:
         reference.ensure(reference_model, sorted(outputs.values()))  # stored by the first sweep
     nodes = {n.name: n for n in model.graph.node}
-    # what each refit shrinks toward: the consumer's weight in the pruned copy, on the inputs it
-    # reads now (an earlier pass may have cut other channels of a Concat it reads, or refit it)
-    own = {c.node: consumer_weight(model, c) for c in consumers}
     rng = np.random.default_rng(seed)
     images = len(current.batching.indices)
     for batch in range(current.batching.count):
@@ -113,8 +110,21 @@ def refit_statistics(
             lost = removed_positions(consumer.weight.layout, kept, group.channels, x.shape[axis])
             window = int(np.prod(weights[consumer.node].shape[2:])) if consumer.kind.windowed else 1
             with blas_threads_for((x.shape[axis] - len(lost)) * window):  # the refit's unknowns
+                own = None if stats[consumer.node].refit else _own_weight(model, consumer, weights[consumer.node], x)
                 _add_refit(stats[consumer.node], consumer, nodes[consumer.node], x, ref, weights[consumer.node],
-                           biases[consumer.node], own[consumer.node], lost, images, rng, first)
+                           biases[consumer.node], own, lost, images, rng, first)
+
+
+def _own_weight(model: onnx.ModelProto, consumer: Consumer, weight: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """What the refit shrinks toward: the consumer's weight in the pruned copy, on the inputs
+    it reads now. While its input still has all the reference's channels, that is the
+    reference's `weight` (nothing has cut or refitted it yet: no copy of VGG-16's 411 MB FC
+    weight); once an earlier pass cut other channels of a Concat it reads, only the pruned
+    copy's weight lines up with them."""
+    axis, weight_axis = consumer.kind.channel_axis(x.ndim), 1 if consumer.kind.windowed else 0
+    if weight.shape[weight_axis] == x.shape[axis]:
+        return weight
+    return consumer_weight(model, consumer)
 
 
 def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref, weight, bias, own, lost,

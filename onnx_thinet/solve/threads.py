@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 __all__ = ["PARALLEL_UNKNOWNS", "blas_threads_for", "concurrently"]
@@ -48,13 +49,25 @@ def blas_threads_for(unknowns: int) -> Iterator[None]:
 
 def concurrently(calls: Sequence[Callable[[], T]]) -> list[T]:
     """Run independent numpy/scipy calls at once (BLAS and LAPACK release the GIL), the BLAS
-    threads split between them; results in order, the first exception re-raised."""
+    threads split between them; results in order, the first exception re-raised after all
+    have finished. The first runs in the caller's thread, the rest in `_workers`: long-lived
+    threads, so that each keeps reusing one malloc arena (a fresh thread per call spread its
+    buffers over new arenas: VGG-16 at 256 images peaked 100 MiB higher). Not for nesting."""
     if len(calls) < 2:
         return [call() for call in calls]
     threads = max(_blas_threads() // len(calls), 1)
-    with _controller().limit(limits=threads, user_api="blas"), ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
-        return [future.result() for future in futures]
+    with _controller().limit(limits=threads, user_api="blas"):
+        futures = [_workers().submit(call) for call in calls[1:]]
+        try:
+            first = calls[0]()
+        finally:
+            wait(futures)
+        return [first, *(future.result() for future in futures)]
+
+
+@functools.cache
+def _workers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(os.cpu_count() or 2, 2) - 1, thread_name_prefix="onnx-thinet")
 
 
 def _blas_threads() -> int:
