@@ -109,9 +109,10 @@ def refit_statistics(
             axis = consumer.kind.channel_axis(x.ndim)
             lost = removed_positions(consumer.weight.layout, kept, group.channels, x.shape[axis])
             window = int(np.prod(weights[consumer.node].shape[2:])) if consumer.kind.windowed else 1
+            entry = stats[consumer.node]
+            own = _own_weight(model, consumer, weights[consumer.node], x) if entry.refit is None else None
             with blas_threads_for((x.shape[axis] - len(lost)) * window):  # the refit's unknowns
-                own = None if stats[consumer.node].refit else _own_weight(model, consumer, weights[consumer.node], x)
-                _add_refit(stats[consumer.node], consumer, nodes[consumer.node], x, ref, weights[consumer.node],
+                _add_refit(entry, consumer, nodes[consumer.node], x, ref, weights[consumer.node],
                            biases[consumer.node], own, lost, images, rng, first)
 
 
@@ -147,9 +148,8 @@ def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref, weight, b
 
 def _start_refit(entry: ConsumerStats, consumer: Consumer, own, lost, rows: int, images: int,
                  batch: int) -> None:
-    """The consumer's RefitStats, made on its first batch of `rows` rows. The prior is a copy of
-    its own weight on the inputs it keeps: an earlier pass may have cut other channels of a
-    Concat it reads, so the original's weight would not line up with them."""
+    """The consumer's RefitStats, made on its first batch of `rows` rows; its prior is a copy of
+    `own` (`_own_weight`) on the inputs it keeps."""
     if consumer.kind.windowed:
         prior = np.delete(own, lost, axis=1)
         in_channels = prior.shape[1]

@@ -226,8 +226,8 @@ def _shifted_cholesky_solve(g: np.ndarray, penalty: float, rhs: np.ndarray) -> n
     the shifted G is not positive definite.
 
     G is symmetric, so the transpose of its row-major copy is the same matrix in LAPACK's
-    column order: factored in place, with no transposing copy (a 2,304² Cholesky with the
-    copy took 1.3x to 2x as long)."""
+    column order: factored in place, with no transposing copy (with it, 1,152² and 2,304²
+    factors in float32 and float64 took 1.1x to 2.2x as long)."""
     shifted = g.copy().T
     shifted.flat[:: len(g) + 1] += penalty
     factor = linalg.cho_factor(shifted, lower=True, overwrite_a=True, check_finite=False)
@@ -297,6 +297,16 @@ def _squared_error(m: FitMoments, columns: np.ndarray, w: np.ndarray, b: np.ndar
 RIDGE_GRID = (0.0, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0, 1e3)
 
 
+# From this size the two sides of the cross-validation solve at once, on one BLAS thread each
+# (ResNet-50's 1,152-unknown folds: 0.34-0.41 s in turn on two threads, 0.20-0.23 s at once;
+# below a few hundred unknowns handing a side to another thread costs about what it solves).
+CONCURRENT_UNKNOWNS = 256
+
+
+def _in_turn(calls):
+    return [call() for call in calls]
+
+
 def choose_ridge(
     folds: tuple[FitMoments, FitMoments],
     columns: np.ndarray,
@@ -327,16 +337,6 @@ def choose_ridge(
         return sum(run([functools.partial(side.error, grid[k]) for side in sides]))
 
     return float(grid[descend_grid(error, len(grid), _grid_start(folds, columns, grid, near))])
-
-
-# From this size the two sides of the cross-validation solve at once, on one BLAS thread each
-# (ResNet-50's 1,152-unknown folds: 0.34 s in turn on two threads, 0.24 s on one; below a
-# few hundred unknowns a thread's start costs as much as the solve).
-CONCURRENT_UNKNOWNS = 256
-
-
-def _in_turn(calls):
-    return [call() for call in calls]
 
 
 def _grid_start(folds, columns: np.ndarray, grid, near: float | None) -> int | None:
