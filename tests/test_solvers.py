@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import time
 
 import numpy as np
 import pytest
@@ -379,3 +381,22 @@ def test_a_search_started_near_a_similar_layers_ridge_chooses_as_from_the_middle
     solved.clear()
     assert choose_ridge(folds, cols, prior=prior, near=best) == best
     assert len(set(solved)) <= 3  # the choice and its two neighbours
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_concurrent_calls_work_in_a_forked_child_after_the_parent_used_them():
+    from onnx_thinet.solve.threads import concurrently
+
+    assert concurrently([lambda: 1, lambda: 2]) == [1, 2]  # the parent's worker exists
+    pid = os.fork()
+    if pid == 0:  # the child: its pool must be its own, or the call never returns
+        os._exit(0 if concurrently([lambda: 3, lambda: 4]) == [3, 4] else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("the forked child's concurrent call did not return")

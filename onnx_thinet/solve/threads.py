@@ -70,6 +70,10 @@ def _workers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(os.cpu_count() or 2, 2) - 1, thread_name_prefix="onnx-thinet")
 
 
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: a pool of its own
+    os.register_at_fork(after_in_child=_workers.cache_clear)
+
+
 def _blas_threads() -> int:
     """The BLAS threads in effect now (the largest over the libraries loaded)."""
     counts = [info["num_threads"] for info in _controller().info() if info.get("user_api") == "blas"]
