@@ -383,7 +383,7 @@ def test_a_search_started_near_a_similar_layers_ridge_chooses_as_from_the_middle
     assert len(set(solved)) <= 3  # the choice and its two neighbours
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX); Windows has no fork")
 def test_concurrent_calls_work_in_a_forked_child_after_the_parent_used_them():
     from onnx_thinet.solve.threads import concurrently
 
