@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import onnx
 
 from onnx_thinet.calibration.collect import channel_statistics, reference_tensors
 from onnx_thinet.calibration.heap import release_heap_over, reused_heap
+from onnx_thinet.calibration.narrowing import narrow_readers
 from onnx_thinet.calibration.plan import MemoryPlan
 from onnx_thinet.calibration.refit import refit_statistics
 from onnx_thinet.calibration.runtime import ONNXRUNTIME_ERRORS
@@ -132,8 +134,11 @@ def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_prog
         if missing:
             raise InternalError(f"{', '.join(missing)} no longer prunable after earlier cuts")
         wave = [fresh[g.producer] for g in planned]
+        later = [g for wave in waves[pass_index + 1:] for g in wave]
+        read_later = {c.node for g in later if _keep(config, g) < g.channels for c in g.consumers}
         try:
-            applied = _prune_wave(engine, current, wave, config, rng, kept_outputs, advance, results)
+            applied = _prune_wave(engine, current, wave, config, rng, kept_outputs, advance, results,
+                                  read_later)
         except ONNXRUNTIME_ERRORS as exc:
             if pass_index:
                 raise
@@ -142,7 +147,6 @@ def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_prog
                               f"runs it to calibrate: {one_line(exc)}") from None
         clock = time.perf_counter()
         current = infer_shapes(current, in_place=True)
-        later = [g for wave in waves[pass_index + 1:] for g in wave]
         _forget_changed(engine, current, applied, _touched(later),
                         reference_tensors(engine.reference_model, [c for g in later for c in g.consumers]))
         _add_time(engine.profile, "rewrite", clock)
@@ -157,12 +161,25 @@ def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_prog
     return current, results
 
 
-def _prune_wave(engine: _Engine, current, wave, config: SlimConfig, rng, kept_outputs, advance, results):
-    """Statistics, selection, reconstruction and surgery of one pass; returns what was cut."""
+def _keep(config: SlimConfig, group: ChannelGroup) -> int:
+    return dict(config.keep_counts or ()).get(group.producer) or keep_count(
+        group.channels, config.keep_ratio, max(config.channel_multiple, config.round_to))
+
+
+def _prune_wave(engine: _Engine, current, wave, config: SlimConfig, rng, kept_outputs, advance, results,
+                read_later: set[str]):
+    """Statistics, selection, reconstruction and surgery of one pass; returns what was cut.
+
+    Readers of groups that later passes cut (`read_later`) are read on this group's channels
+    alone where they can be (`narrow_readers`), and rescaled now: the later pass refits them."""
     reference = engine.reference_model if engine.reference is not None else None
     clock = time.perf_counter()
+    narrowed = {g.producer: narrow_readers(current, reference, g, read_later) for g in wave}
+    _add_time(engine.profile, "analysis", clock)
+    clock = time.perf_counter()
     inner = sum(engine.profile.get(k, 0.0) for k in ("onnxruntime", "io"))
-    stats = channel_statistics(current, wave, engine.current, engine.reference, reference,
+    stats = channel_statistics(current, [narrowed[g.producer][0] for g in wave], engine.current,
+                               engine.reference, reference,
                                per_image=config.samples_per_image, seed=int(rng.integers(2**31)),
                                kept_outputs=kept_outputs, progress=advance, zero_counts=config.method == "apoz")
     inner = sum(engine.profile.get(k, 0.0) for k in ("onnxruntime", "io")) - inner
@@ -170,26 +187,29 @@ def _prune_wave(engine: _Engine, current, wave, config: SlimConfig, rng, kept_ou
     applied = []
     for group in wave:
         clock = time.perf_counter()
-        keep = dict(config.keep_counts or ()).get(group.producer) or keep_count(
-            group.channels, config.keep_ratio, max(config.channel_multiple, config.round_to))
+        keep = _keep(config, group)
         l1 = _filter_l1(current, group) if config.method == "l1" else None  # reads the producer weights
         kept = (select_channels(config.method, group, stats[group.producer], keep, l1, rng)
                 if keep < group.channels else np.arange(group.channels))
         _add_time(engine.profile, "selection", clock)
         clock = time.perf_counter()
         engine.trim_heap()
+        narrow, rescaled = narrowed[group.producer]
+        refitted = replace(group, consumers=tuple(c for c in group.consumers if c.node not in rescaled))
         if config.reconstruct == "full":
-            refit_statistics(current, group, kept, stats[group.producer], engine.current, engine.reference,
-                             reference, seed=int(rng.integers(2**31)), kept_outputs=kept_outputs)
+            seed = int(rng.integers(2**31))  # drawn as before, whether or not a reader is left
+            if refitted.consumers:
+                refit_statistics(current, refitted, kept, stats[group.producer], engine.current,
+                                 engine.reference, reference, seed=seed, kept_outputs=kept_outputs)
         _add_time(engine.profile, "refit statistics", clock)
         clock = time.perf_counter()
         selection = reconstruct_channels(config.reconstruct, group, stats[group.producer], kept,
-                                         config.ridge, engine.ridges_chosen)
+                                         config.ridge, engine.ridges_chosen, rescaled)
         _add_time(engine.profile, "refit solve", clock)
         filters = _kept_filters(current, group, selection.kept)  # read before the cut
         engine.trim_heap()
         if len(selection.kept) < group.channels:
-            deletions = _consumer_input_deletions(engine, group, selection.kept)
+            deletions = _consumer_input_deletions(engine, narrow, selection.kept)
             apply_selection(current, group, selection.kept, selection.scales, selection.refits)
             kept_outputs.update({p: filters[1] for p in group.producers})
             applied.append((group, deletions))

@@ -78,7 +78,7 @@ def read_from_reference(consumers: Sequence[Consumer], outputs: dict[str, str]) 
 
 
 def reference_outputs(model: onnx.ModelProto, consumers: Sequence[Consumer]) -> dict[str, str]:
-    """The output tensor of each plain Conv reader (one group) in the original network.
+    """The output tensor of each plain Conv reader (one group, read whole) in the original network.
 
     Its values at the sampled places are the targets: the next pass computes that output in
     its forward pass anyway, so storing it now replaces a second gather of the windows and,
@@ -88,7 +88,7 @@ def reference_outputs(model: onnx.ModelProto, consumers: Sequence[Consumer]) -> 
     outputs = {}
     for consumer in consumers:
         node = nodes.get(consumer.node)
-        if (consumer.kind == CONV and node is not None and node.op_type == "Conv"
+        if (consumer.kind == CONV and consumer.span is None and node is not None and node.op_type == "Conv"
                 and node.domain in ("", "ai.onnx") and node.output and node.output[0]):
             group = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
             if group == 1:
@@ -153,6 +153,8 @@ def consumer_weight(model: onnx.ModelProto, consumer: Consumer) -> np.ndarray:
     stored = np.asarray(numpy_helper.to_array(tensor), dtype=np.float32)  # no copy when it is float32
     weight = consumer.kind.working(stored, consumer.transpose)
     if consumer.kind.windowed:
+        if consumer.span is not None:
+            weight = weight[:, consumer.span[0] : consumer.span[1]]
         return np.ascontiguousarray(weight)
     alpha = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "alpha"), 1.0)
     return weight if alpha == 1.0 else weight * np.float32(alpha)

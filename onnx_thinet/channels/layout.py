@@ -156,6 +156,9 @@ class Consumer:
     weight: ParamSlice
     transpose: bool = False
     bias_index: int | None = 2
+    # input channels [lo, hi) of the weight that `input` feeds, when `input` is one input of
+    # the Concat the layer reads (a reader read narrowly, see `calibration.narrowing`); None: all
+    span: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.kind, str):  # a rule written against the old string field

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from functools import reduce
 
@@ -84,9 +84,11 @@ def select_channels(method: str, group: ChannelGroup, stats: Mapping[str, Consum
 
 def reconstruct_channels(reconstruct: str, group: ChannelGroup, stats: Mapping[str, ConsumerStats],
                          kept: np.ndarray, ridge: float | None = None,
-                         ridges_chosen: dict[int, float] | None = None) -> Selection:
+                         ridges_chosen: dict[int, float] | None = None,
+                         rescaled: Collection[str] = ()) -> Selection:
     """Reconstruct the consumers on `kept`: `none` slices, `scale` fits one factor per kept
-    channel, `full` re-fits every consumer weight and bias (needs their RefitStats).
+    channel, `full` re-fits every consumer weight and bias (needs their RefitStats), except
+    the `rescaled` consumers, which it scales (a later pass refits them).
 
     `ridges_chosen` (updated here) maps a refit's number of unknowns to the ridge its last
     cross-validation chose: a network repeats its layer shapes, and their ridges are alike,
@@ -99,7 +101,8 @@ def reconstruct_channels(reconstruct: str, group: ChannelGroup, stats: Mapping[s
     if reconstruct == "none":
         return Selection(kept, None, before, before)
     if reconstruct == "full":
-        return _refit_consumers(group, stats, kept, before, ridge, {} if ridges_chosen is None else ridges_chosen)
+        return _refit_consumers(group, stats, kept, before, ridge, {} if ridges_chosen is None else ridges_chosen,
+                                frozenset(rescaled))
     scales = {name: rescale_least_squares(s.gram, s.corr, kept) for name, s in stats.items()}
     return Selection(kept, scales, before, _stacked_error(stats, kept, scales))
 
@@ -121,9 +124,16 @@ def _select(method: str, total: ConsumerStats, keep: int, filter_l1, rng) -> np.
 
 
 def _refit_consumers(group: ChannelGroup, stats, kept: np.ndarray, before: float,
-                     ridge: float | None, ridges_chosen: dict[int, float]) -> Selection:
-    refits, squared, total = {}, 0.0, 0.0
+                     ridge: float | None, ridges_chosen: dict[int, float], rescaled: frozenset[str]) -> Selection:
+    refits, scales, squared, total = {}, {}, 0.0, 0.0
     for consumer in group.consumers:
+        if consumer.node in rescaled:
+            own = stats[consumer.node]
+            scales[consumer.node] = rescale_least_squares(own.gram, own.corr, kept)
+            error = reconstruction_error(own.gram, own.corr, own.target_sq, kept, scales[consumer.node])
+            squared += error**2 * own.target_sq
+            total += own.target_sq
+            continue
         refit = stats[consumer.node].refit
         if refit is None:
             raise ValueError(f"no refit statistics for {consumer.node}")
@@ -144,7 +154,7 @@ def _refit_consumers(group: ChannelGroup, stats, kept: np.ndarray, before: float
         total += moments.target_sq
         refits[consumer.node] = Refit(matrix, bias if intercept else None, chosen)
     after = float(np.sqrt(squared / total)) if total > 0 else 0.0
-    return Selection(kept, None, before, after, refits)
+    return Selection(kept, scales or None, before, after, refits)
 
 
 def _refit_columns(consumer: Consumer, channels: int, refit, kept: np.ndarray) -> np.ndarray:
