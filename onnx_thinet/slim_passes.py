@@ -128,7 +128,8 @@ def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_prog
         # Re-read the groups on the model as pruned so far: offsets into Concats and shape
         # constants shift when a neighbouring group has been cut.
         clock = time.perf_counter()
-        fresh = {g.producer: g for g in analyze(current, prune_coupled=config.prune_coupled).groups}
+        own = [p for g in planned for p in g.producers or (g.producer,)]
+        fresh = {g.producer: g for g in analyze(current, config.prune_coupled, own).groups}
         _add_time(engine.profile, "analysis", clock)
         missing = [g.producer for g in planned if g.producer not in fresh]
         if missing:

@@ -124,7 +124,9 @@ class SegmentRunner:
         recomputed, so what they are computed from is kept too (a U-Net's skip tensors).
         What later passes will ask for (`needed`) is kept computable from what stays.
         """
-        graph = self._index(model)
+        self._prune(self._index(model), future, needed)
+
+    def _prune(self, graph: NodeIndex, future: Iterable[str], needed: Iterable[str] = ()) -> None:
         available = self._available(graph)
         unstable = graph.downstream_tensors(future)
         keep = graph.cut(available, needed) | graph.cut(available - unstable, needed)
@@ -152,7 +154,7 @@ class SegmentRunner:
                 self.store.delete_positions(name, axis, positions)
             else:
                 self.store.drop(name)
-        self.prune(model, future)
+        self._prune(graph, future)
 
     def _available(self, graph: NodeIndex) -> set[str]:
         return {name for name in self.store.names() if name in self.store} | set(graph.inputs)

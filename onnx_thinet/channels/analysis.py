@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import onnx
@@ -66,7 +67,8 @@ def quantization_refusal(model: onnx.ModelProto) -> str | None:
             "onnx-thinet prunes float models; prune the float model first, then quantize the slim model")
 
 
-def analyze(model: onnx.ModelProto, prune_coupled: bool = False) -> Analysis:
+def analyze(model: onnx.ModelProto, prune_coupled: bool = False,
+            producers: Collection[str] | None = None) -> Analysis:
     """Find every prunable producer (Conv group=1, Gemm, MatMul with constant weights).
 
     A producer is prunable when every path from its output reaches consumers (Conv, Gemm,
@@ -76,13 +78,20 @@ def analyze(model: onnx.ModelProto, prune_coupled: bool = False) -> Analysis:
 
     With `prune_coupled`, producers tied by residual Adds or gating Muls are gathered into one
     group (every producer whose output is summed into the same tensors) and pruned jointly.
+
+    `producers` (node names) limits the walks to those producers: a pass re-reads its own groups
+    only (the U-Net's 108 passes walked 110 producers each). A joint group needs every walk, so
+    `prune_coupled` reads them all.
     """
     if not model.graph.value_info:
         model = infer_shapes(model)
     index = GraphIndex.build(model)
     opset = opset_version(model)
     groups, coupled, skipped = [], [], []
+    wanted = None if producers is None or prune_coupled else set(producers)
     for node in model.graph.node:
+        if wanted is not None and node.name not in wanted:
+            continue
         start = _producer_start(index, node)
         if start is None:
             continue

@@ -10,6 +10,7 @@ takes the weights as in-memory external initializers, never as protobuf bytes.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -41,7 +42,7 @@ _IN_MEMORY = "onnx-thinet-in-memory"  # external-data location of weights handed
 def is_large_weight(tensor: TensorProto) -> bool:
     """A float initializer held in memory and too large to be a shape constant."""
     return (tensor.data_type in _FLOAT_TYPES and tensor.data_location != TensorProto.EXTERNAL
-            and int(np.prod(tensor.dims, dtype=np.int64)) > LARGE_WEIGHT_ELEMENTS)
+            and math.prod(tensor.dims) > LARGE_WEIGHT_ELEMENTS)
 
 
 def weightless_copy(model: onnx.ModelProto,
