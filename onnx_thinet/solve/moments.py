@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["FLOAT32_DIMS", "FitMoments", "FitSamples"]
+__all__ = ["FLOAT32_DIMS", "FLOAT32_MOMENT_DIMS", "FitMoments", "FitSamples"]
 
-# Layers with fewer unknowns (the exactness oracles') keep float64 moment blocks and score the
-# ridge with exact solves.
+# Layers with fewer unknowns (the exactness oracles') score the ridge with exact solves.
 FLOAT32_DIMS = 1024
+# Moment blocks are summed in float32 from this many unknowns on (into float64 across blocks).
+# From 256 rather than 1,024: the U-Net's refit moments took 1.7-1.8 s against 2.2-2.5 s, with
+# the same held-out output error to five digits (ResNet-50's too).
+FLOAT32_MOMENT_DIMS = 256
 
 
 @dataclass
@@ -42,10 +45,10 @@ class FitMoments:
             self._add_block(inputs[start : start + step], targets[start : start + step])
 
     def _add_block(self, inputs: np.ndarray, targets: np.ndarray) -> None:
-        """Products in float64, or, with ≥ 1,024 unknowns, float32 within a block of a few
+        """Products in float64, or, with ≥ 256 unknowns, float32 within a block of a few
         thousand rows (twice as fast; relative error ~1e-6, far below the smallest ridge the
         grid tries besides 0) summed into float64 across blocks."""
-        dtype = np.float32 if self.dims >= FLOAT32_DIMS else np.float64
+        dtype = np.float32 if self.dims >= FLOAT32_MOMENT_DIMS else np.float64
         p = np.asarray(inputs, dtype=dtype)
         t = np.asarray(targets, dtype=dtype)
         self.gram += p.T @ p
