@@ -98,6 +98,50 @@ def test_the_activation_store_reads_back_from_disk_with_deleted_positions(tmp_pa
         disk.close()
 
 
+def test_a_lower_memory_budget_moves_the_earliest_stored_arrays_to_disk():
+    """A pass with large statistics shrinks the stores' share: arrays over it go to disk, the
+    earliest stored first, and read back the same (deleted positions still applied)."""
+    rng = np.random.default_rng(1)
+    first = [rng.standard_normal((2, 6, 3)).astype(np.float32) for _ in range(2)]
+    second = [rng.standard_normal((2, 6, 3)).astype(np.float32) for _ in range(2)]
+    size = first[0].nbytes
+    store = ActivationStore(2, ram_budget=4 * size)
+    try:
+        for batch in range(2):
+            store.put("first", batch, first[batch])
+            store.put("second", batch, second[batch])
+        store.delete_positions("first", 1, np.array([4]))
+        assert store.disk_bytes == 0 and store.ram_bytes == 4 * size
+        store.limit_ram(2 * size)
+        assert store.ram_bytes == 2 * size and store.disk_bytes == 2 * size
+        assert np.shares_memory(store.get("second", 1), second[1])  # the later one stays
+        store.limit_ram(0)
+        assert store.ram_bytes == 0 and store.disk_bytes == 4 * size
+        for batch in range(2):
+            np.testing.assert_array_equal(store.get("first", batch), np.delete(first[batch], [4], axis=1))
+            np.testing.assert_array_equal(store.get("second", batch), second[batch])
+        store.put("third", 0, first[0])  # the new budget holds for what comes next
+        assert store.ram_bytes == 0
+    finally:
+        store.close()
+
+
+def test_a_pass_with_small_statistics_keeps_more_activations_in_memory():
+    """The plan sizes stored activations for its largest layer; a pass with smaller statistics
+    gets the room those would have taken (half of it, as the plan does), up to the cap."""
+    from onnx_thinet.calibration.plan import STORE_CAP, plan_memory
+    from onnx_thinet.channels.analysis import analyze
+
+    model, _ = builders.FAMILIES["pool_flatten_gemm"]()
+    groups = analyze(model).groups
+    weights = 4 * sum(t.ByteSize() for t in model.graph.initializer)
+    plan = plan_memory(model, groups, images=64, batch_size=8, budget=weights + (40 << 20))
+    assert plan.store_ram == plan.store_ram_for(plan.statistics)
+    assert plan.statistics > 0 and plan.store_ram < STORE_CAP
+    assert abs(plan.store_ram_for(0) - min(plan.store_ram + plan.statistics // 2, STORE_CAP)) <= 1
+    assert plan.store_ram_for(plan.budget) == 0
+
+
 @pytest.mark.parametrize("declared", [[None, 2, 4, 4], [None, 5, 3, 3], None])
 def test_segment_outputs_are_onnxruntimes_whatever_shape_inference_declared(declared):
     """Outputs go straight into arrays of the declared (or last batch's) shape; a shape that

@@ -8,6 +8,7 @@ otherwise batches shrink and stored activations go to disk until the estimate fi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from onnx_thinet.channels.layout import ChannelGroup
 from onnx_thinet.errors import ThinetError
 from onnx_thinet.io.feeds import ONNX_TO_NUMPY
 
-__all__ = ["MemoryPlan", "machine_memory", "parse_size", "plan_memory"]
+__all__ = ["MemoryPlan", "largest_statistics", "machine_memory", "parse_size", "plan_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,13 @@ class MemoryPlan:
     def peak(self) -> int:
         return self.weights + self.statistics + self.activations_per_image * self.batch_size + self.store_ram
 
+    def store_ram_for(self, statistics: int) -> int:
+        """Stored activations kept in memory while a pass holds `statistics` bytes: half the room
+        beside the weights and a batch. `store_ram` is this for the largest layer; a pass far
+        from it keeps much more (VGG-16's conv passes beside its 25,088-wide FC layer)."""
+        room = self.budget - self.weights - statistics - self.activations_per_image * self.batch_size
+        return min(max(0, room // 2), STORE_CAP)
+
 
 def parse_size(text: str) -> int:
     """`4G`, `512M`, `1.5GB`, `2000000000` → bytes (powers of 1024 for the units)."""
@@ -74,7 +82,7 @@ def plan_memory(model: onnx.ModelProto, groups: Sequence[ChannelGroup], images: 
                 budget: int, fixed_batch: int | None = None, keep_ratio: float = 1.0) -> MemoryPlan:
     """Choose the batch size and in-memory activation budget, or refuse when nothing fits."""
     weights = MODEL_COPIES * sum(_tensor_bytes(t.dims, t.data_type) for t in model.graph.initializer)
-    statistics, layer = _largest_statistics(model, groups, images, keep_ratio)
+    statistics, layer = largest_statistics(model, groups, images, keep_ratio)
     per_image = ACTIVATION_COPIES * _widest_activation(model)
     smallest = fixed_batch or 1
     need = weights + statistics + per_image * smallest
@@ -86,14 +94,14 @@ def plan_memory(model: onnx.ModelProto, groups: Sequence[ChannelGroup], images: 
             "raise max_memory or slim a smaller model", params=("max_memory",))
     room = budget - weights - statistics
     batch = max(smallest, min(batch_size, room // max(per_image, 1)))
-    store_ram = min(max(0, (room - batch * per_image) // 2), STORE_CAP)
     if batch < batch_size:
         logger.info("batches of %d images to stay within --max-memory %s", batch, _mb(budget))
-    return MemoryPlan(budget, weights, statistics, layer, per_image, int(batch), int(store_ram))
+    plan = MemoryPlan(budget, weights, statistics, layer, per_image, int(batch), 0)
+    return dataclasses.replace(plan, store_ram=plan.store_ram_for(statistics))
 
 
-def _largest_statistics(model: onnx.ModelProto, groups: Sequence[ChannelGroup], images: int,
-                        keep_ratio: float) -> tuple[int, str]:
+def largest_statistics(model: onnx.ModelProto, groups: Sequence[ChannelGroup], images: int,
+                       keep_ratio: float) -> tuple[int, str]:
     """Bytes of the largest layer's statistics: channel Gram, refit moments or kept rows."""
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}

@@ -60,11 +60,25 @@ class ActivationStore:
             stored.chunks[batch] = np.array(array, copy=True) if borrowed else array
             self.ram_bytes += array.nbytes
             return
+        stored.chunks[batch] = self._write(array)
+
+    def _write(self, array: np.ndarray) -> Path:
         self._files += 1
         path = self._folder_path() / f"{self._files}.npy"
         np.save(path, array, allow_pickle=False)
-        stored.chunks[batch] = path
         self.disk_bytes += array.nbytes
+        return path
+
+    def limit_ram(self, ram_budget: int) -> None:
+        """A new memory budget; arrays beyond it go to disk now, the earliest stored first."""
+        self.ram_budget = ram_budget
+        for stored in self._tensors.values():
+            for batch, chunk in stored.chunks.items():
+                if self.ram_bytes <= ram_budget:
+                    return
+                if isinstance(chunk, np.ndarray):
+                    stored.chunks[batch] = self._write(chunk)
+                    self.ram_bytes -= chunk.nbytes
 
     def get(self, name: str, batch: int) -> np.ndarray:
         stored = self._tensors[name]
