@@ -325,6 +325,32 @@ def test_a_concat_reader_that_a_later_pass_refits_is_read_on_the_cut_input_alone
     assert result.verification.rel_error < 1e-4
 
 
+@pytest.mark.parametrize("family", sorted(builders.FAMILIES))
+def test_each_layer_runs_once_per_network_in_every_family(family, monkeypatch):
+    """Over a whole run each Conv, Gemm and MatMul runs once in the original network and once in
+    the pruned copy, whatever Concats, Splits and skips lie between them (a YOLO C2f's first
+    conv is read through both halves of its Split). Every group is cut, so that the readers
+    of Concats are narrowed; the planted channels are the other tests' business."""
+    from collections import Counter
+
+    from onnx_thinet.calibration import segments
+
+    runs: dict[int, Counter] = {}
+    build = segments._segment_model
+
+    def recorded(model, nodes, inputs, outputs):
+        runs.setdefault(id(model), Counter()).update(
+            n.name for n in nodes if n.op_type in ("Conv", "Gemm", "MatMul"))
+        return build(model, nodes, inputs, outputs)
+
+    monkeypatch.setattr(segments, "_segment_model", recorded)
+    model, _ = builders.FAMILIES[family]()
+    name = model.graph.input[0].name
+    result = slim(model, ArrayData({name: builders.calibration(model, n=24)}), SlimConfig(keep_ratio=0.5))
+    assert len(runs) == 2 and all(max(counts.values()) == 1 for counts in runs.values()), runs
+    assert result.groups and all(g.channels_after < g.channels_before for g in result.groups)
+
+
 # one window per image is gathered element by element, more pixel by pixel
 @pytest.mark.parametrize("per_image", [1, 3, 200])
 @pytest.mark.parametrize("attrs", [

@@ -29,9 +29,10 @@ def narrow_readers(model: onnx.ModelProto, reference: onnx.ModelProto | None, gr
                    refit_later: Collection[str]) -> tuple[ChannelGroup, frozenset[str]]:
     """`group` with each reader in `refit_later` read narrowly where it can be, and their names.
 
-    A reader is narrowed when it is a plain Conv reading a channel Concat whose one input holds
-    all of the group's channels, at the same place in `model` and in the original `reference`
-    (so one weight span serves both); every other reader is kept as it is.
+    A reader is narrowed when it is a plain Conv reading a channel Concat whose one input (or
+    one Split's input, all of whose outputs it concatenates in order) holds all of the group's
+    channels, at the same place in `model` and in the original `reference` (so one weight span
+    serves both); every other reader is kept as it is.
     """
     if not any(c.node in refit_later and c.kind == CONV for c in group.consumers):
         return group, frozenset()
@@ -53,6 +54,8 @@ class _Concats:
         self.nodes = {n.name: n for n in model.graph.node}
         self.concats = {n.output[0]: n for n in model.graph.node
                         if n.op_type == "Concat" and n.domain in ("", "ai.onnx") and n.output}
+        self.splits = {o: n for n in model.graph.node
+                       if n.op_type == "Split" and n.domain in ("", "ai.onnx") for o in n.output}
         infos = [*graph_inputs(model), *model.graph.value_info, *model.graph.output]
         self.shapes = {v.name: tensor_shape(v) for v in infos}
 
@@ -71,7 +74,30 @@ class _Concats:
             if not name or dims is None or len(dims) != len(shape) or not isinstance(dims[1], int):
                 return None
             parts.append((name, dims[1]))
-        return parts
+        return self._unsplit(parts, len(shape))
+
+    def _unsplit(self, parts: list[tuple[str, int]], rank: int) -> list[tuple[str, int]]:
+        """`parts` with each run of a channel Split's outputs, all of them in order, replaced by
+        the Split's input: a YOLO C2f concatenates both halves of its first conv's output, so
+        that conv's channels are one tensor there, not two."""
+        merged, k = [], 0
+        while k < len(parts):
+            split = self.splits.get(parts[k][0])
+            outputs = list(split.output) if split is not None else []
+            count = len(outputs)
+            if (split is not None and [name for name, _ in parts[k : k + count]] == outputs
+                    and self._channel_split(split, rank)):
+                merged.append((split.input[0], sum(channels for _, channels in parts[k : k + count])))
+                k += count
+            else:
+                merged.append(parts[k])
+                k += 1
+        return merged
+
+    def _channel_split(self, split: onnx.NodeProto, rank: int) -> bool:
+        axis = next((helper.get_attribute_value(a) for a in split.attribute if a.name == "axis"), 0)
+        dims = self.shapes.get(split.input[0])
+        return axis % rank == 1 and dims is not None and len(dims) == rank and isinstance(dims[1], int)
 
     def plain_conv(self, name: str) -> bool:
         node = self.nodes.get(name)
