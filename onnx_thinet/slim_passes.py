@@ -148,7 +148,7 @@ def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_prog
         if missing:
             raise InternalError(f"{', '.join(missing)} no longer prunable after earlier cuts")
         wave = [fresh[g.producer] for g in planned]
-        later = [g for wave in waves[pass_index + 1:] for g in wave]
+        later = [g for later_wave in waves[pass_index + 1:] for g in later_wave]
         read_later = {c.node for g in later if _keep(config, g) < g.channels for c in g.consumers}
         try:
             applied = _prune_wave(engine, current, wave, config, rng, kept_outputs, advance, results,
@@ -176,6 +176,7 @@ def _prune_waves(engine: _Engine, waves, config: SlimConfig, progress, pass_prog
 
 
 def _keep(config: SlimConfig, group: ChannelGroup) -> int:
+    """How many of the group's channels stay: its `keep_counts` entry, else the rounded ratio."""
     return dict(config.keep_counts or ()).get(group.producer) or keep_count(
         group.channels, config.keep_ratio, max(config.channel_multiple, config.round_to))
 
@@ -184,8 +185,9 @@ def _prune_wave(engine: _Engine, current, wave, config: SlimConfig, rng, kept_ou
                 read_later: set[str]):
     """Statistics, selection, reconstruction and surgery of one pass; returns what was cut.
 
-    Readers of groups that later passes cut (`read_later`) are read on this group's channels
-    alone where they can be (`narrow_readers`), and rescaled now: the later pass refits them."""
+    Readers that also read groups later passes cut (`read_later`) are read on this group's
+    channels alone where they can be (`narrow_readers`), and rescaled now: with `--reconstruct
+    full` the later pass refits them."""
     reference = engine.reference_model if engine.reference is not None else None
     clock = time.perf_counter()
     narrowed = {g.producer: narrow_readers(current, reference, g, read_later) for g in wave}

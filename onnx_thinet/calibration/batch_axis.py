@@ -23,7 +23,6 @@ from onnx_thinet.io.graph import tensor_shape
 __all__ = ["runs_per_sample"]
 
 
-
 class _Lookups:
     """The constants and ranks the checks read. A whole `GraphIndex` (every node's producer
     and readers) per segment cost the U-Net's 216 segments 0.7 s under cProfile."""

@@ -26,21 +26,22 @@ __all__ = ["narrow_readers"]
 
 
 def narrow_readers(model: onnx.ModelProto, reference: onnx.ModelProto | None, group: ChannelGroup,
-                   refit_later: Collection[str]) -> tuple[ChannelGroup, frozenset[str]]:
-    """`group` with each reader in `refit_later` read narrowly where it can be, and their names.
+                   read_later: Collection[str]) -> tuple[ChannelGroup, frozenset[str]]:
+    """`group` with each of its readers that also reads a group a later pass cuts (`read_later`)
+    read narrowly where it can be, and the names of those narrowed.
 
     A reader is narrowed when it is a plain Conv reading a channel Concat whose one input (or
     one Split's input, all of whose outputs it concatenates in order) holds all of the group's
     channels, at the same place in `model` and in the original `reference` (so one weight span
     serves both); every other reader is kept as it is.
     """
-    if not any(c.node in refit_later and c.kind == CONV for c in group.consumers):
+    if not any(c.node in read_later and c.kind == CONV for c in group.consumers):
         return group, frozenset()
     here, there = _Concats(model), _Concats(reference) if reference is not None else None
     consumers, narrowed = [], set()
     for consumer in group.consumers:
         narrow = (_narrowed(consumer, here, there)
-                  if consumer.node in refit_later and consumer.kind == CONV else None)
+                  if consumer.node in read_later and consumer.kind == CONV else None)
         consumers.append(narrow or consumer)
         if narrow is not None:
             narrowed.add(consumer.node)
