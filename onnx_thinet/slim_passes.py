@@ -95,9 +95,7 @@ class _Engine:
                                         fixed_model=True) if config.correct else None)
         self.profile = profile
         self.plan, self.images, self.keep_ratio = plan, len(train), config.keep_ratio
-        # freed memory is kept for reuse while the largest layer's statistics and a batch
-        # of activations still fit above it
-        self.heap_limit = plan.budget - plan.statistics - plan.activations_per_image * plan.batch_size
+        self.heap_limit = self._heap_limit(plan.statistics)
         self.ridges_chosen: dict[int, float] = {}  # where each size's ridge search starts
 
     def fit_pass(self, wave: list[ChannelGroup]) -> None:
@@ -108,8 +106,12 @@ class _Engine:
         ram = self.plan.store_ram_for(statistics) // 2
         self.store.limit_ram(ram)
         self.ref_store.limit_ram(ram)
-        self.heap_limit = (self.plan.budget - statistics
-                           - self.plan.activations_per_image * self.plan.batch_size)
+        self.heap_limit = self._heap_limit(statistics)
+
+    def _heap_limit(self, statistics: int) -> int:
+        """Freed memory is kept for reuse while `statistics` and a batch of activations still
+        fit above it."""
+        return self.plan.budget - statistics - self.plan.activations_per_image * self.plan.batch_size
 
     def trim_heap(self) -> None:
         release_heap_over(self.heap_limit)

@@ -270,6 +270,23 @@ def test_device_cuda_without_a_cuda_onnxruntime_warns_once_and_runs_on_the_cpu(t
     assert json.loads((tmp_path / "r.json").read_text())["providers"] == ["CPUExecutionProvider"]
 
 
+def _segment_layers(monkeypatch) -> list[tuple[int, list[str]]]:
+    """Records, for every segment the engine builds, the model it is cut from (by id) and the
+    Conv, Gemm and MatMul nodes it runs."""
+    from onnx_thinet.calibration import segments
+
+    segments_built: list[tuple[int, list[str]]] = []
+    build = segments._segment_model
+
+    def recorded(model, nodes, inputs, outputs):
+        layers = [n.name for n in nodes if n.op_type in ("Conv", "Gemm", "MatMul")]
+        segments_built.append((id(model), layers))
+        return build(model, nodes, inputs, outputs)
+
+    monkeypatch.setattr(segments, "_segment_model", recorded)
+    return segments_built
+
+
 def test_each_conv_of_a_unet_runs_once_in_each_network(tmp_path, monkeypatch):
     """A U-Net's skip Concat is read by a decoder conv that a later pass refits: the encoder's
     pass reads it on the skip tensor alone, so neither network runs the decoder below it early,
@@ -277,24 +294,17 @@ def test_each_conv_of_a_unet_runs_once_in_each_network(tmp_path, monkeypatch):
     import importlib.util
     from pathlib import Path
 
-    from onnx_thinet.calibration import segments
 
     spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1] / "tools" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     model = bench.unet_fixed_batch(size=16, depth=3, levels=2, base=4)
-    sizes = []
-    build = segments._segment_model
-
-    def counted(model, nodes, inputs, outputs):
-        sizes.append(sum(n.op_type == "Conv" for n in nodes))
-        return build(model, nodes, inputs, outputs)
-
-    monkeypatch.setattr(segments, "_segment_model", counted)
+    built = _segment_layers(monkeypatch)
     x = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
     result = slim(model, ArrayData({"image": x}), SlimConfig(keep_ratio=0.5))
     convs = sum(n.op_type == "Conv" for n in model.graph.node)
     # reading the whole Concat at the skip's pass ran the rest of the network there: 55 runs
+    sizes = [len(layers) for _, layers in built]
     assert sum(sizes) <= 2 * convs, sizes
     assert result.verification.rel_error < 1.0
 
@@ -305,18 +315,10 @@ def test_a_concat_reader_that_a_later_pass_refits_is_read_on_the_cut_input_alone
     the second reads the whole Concat and refits it. So neither network runs the second
     producer before its own pass, each Conv runs once per network, and the planted channels
     are found with the outputs unchanged."""
-    from onnx_thinet.calibration import segments
-
-    runs = []
-    build = segments._segment_model
-
-    def recorded(model, nodes, inputs, outputs):
-        runs.append([n.name for n in nodes if n.op_type == "Conv"])
-        return build(model, nodes, inputs, outputs)
-
-    monkeypatch.setattr(segments, "_segment_model", recorded)
+    built = _segment_layers(monkeypatch)
     model, dead = builders.concat_two_producers(seed=3)
     result = slim(model, ArrayData({"x": builders.calibration(model, n=48)}), SlimConfig(keep_ratio=0.5))
+    runs = [layers for _, layers in built]
     assert runs[:2] == [["a"], ["a"]], runs  # the pruned copy, then the original
     convs = [name for run in runs for name in run]
     assert all(convs.count(name) <= 2 for name in convs), runs
@@ -333,20 +335,13 @@ def test_each_layer_runs_once_per_network_in_every_family(family, monkeypatch):
     of Concats are narrowed; the planted channels are the other tests' business."""
     from collections import Counter
 
-    from onnx_thinet.calibration import segments
-
-    runs: dict[int, Counter] = {}
-    build = segments._segment_model
-
-    def recorded(model, nodes, inputs, outputs):
-        runs.setdefault(id(model), Counter()).update(
-            n.name for n in nodes if n.op_type in ("Conv", "Gemm", "MatMul"))
-        return build(model, nodes, inputs, outputs)
-
-    monkeypatch.setattr(segments, "_segment_model", recorded)
+    built = _segment_layers(monkeypatch)
     model, _ = builders.FAMILIES[family]()
     name = model.graph.input[0].name
     result = slim(model, ArrayData({name: builders.calibration(model, n=24)}), SlimConfig(keep_ratio=0.5))
+    runs: dict[int, Counter] = {}
+    for model_id, layers in built:
+        runs.setdefault(model_id, Counter()).update(layers)
     assert len(runs) == 2 and all(max(counts.values()) == 1 for counts in runs.values()), runs
     assert result.groups and all(g.channels_after < g.channels_before for g in result.groups)
 
