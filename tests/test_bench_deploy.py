@@ -133,7 +133,8 @@ def test_slim_reference_models_run_in_openvino_like_in_onnxruntime(tmp_path, nam
     path = _saved(tmp_path, result.model, "slim.onnx")
     x = np.load(ROOT / "models" / "fmnist_test_1k.npz")["x"][:16]
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-    compiled = ov.Core().compile_model(str(path), "CPU")
+    # f32 asked for: on CPUs with bfloat16 units (avx512_bf16, AMX) OpenVINO infers in bf16 by default
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     got = compiled({"input": x})[compiled.output(0)]
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()

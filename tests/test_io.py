@@ -109,6 +109,28 @@ def test_load_refuses_what_the_checker_refuses(tmp_path):
         load_model(tmp_path)
 
 
+def test_load_checks_large_weights_without_handing_their_bytes_to_the_checker(tmp_path):
+    """The checker sees large weights as empty files; one with two value fields is still refused,
+    as the checker itself refuses it, and the loaded weights are the file's."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((8, 512, 1, 1)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 2, 2])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "ok.onnx")
+    loaded = load_model(tmp_path / "ok.onnx")
+    assert np.array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), numpy_helper.to_array(weight))
+    model.graph.initializer[0].float_data.extend([1.0] * 4)  # raw_data and float_data both set
+    onnx.save(model, tmp_path / "two.onnx")
+    with pytest.raises(onnx.checker.ValidationError, match="one and only one value field"):
+        onnx.checker.check_model(str(tmp_path / "two.onnx"))
+    with pytest.raises(ThinetError, match="checker rejects.*one and only one value field"):
+        load_model(tmp_path / "two.onnx")
+
+
 def test_opset_reader_has_one_default():
     assert opset_version(_scaled(opsets=(("", 11),))) == 11
     assert opset_version(_scaled(opsets=(("ai.onnx", 13), ("com.microsoft", 1)))) == 13
@@ -260,3 +282,60 @@ def test_simplifier_sees_large_layer_weights_as_inputs_and_gives_them_back():
         return session.run(None, {"x": x})[0]
 
     np.testing.assert_allclose(run(canonical), run(model), rtol=1e-5, atol=1e-4)
+
+
+def _two_large_convs(rng):
+    """x → Conv(w1) → Mul(per-channel) → Relu → Conv(w2) → Relu → Identity, both weights ≥ 1 MB."""
+    from onnx import TensorProto, helper
+
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 512, 3, 3)).astype(np.float32) * 0.02, "w1"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, (1, 64, 1, 1)).astype(np.float32), "scale"),
+             numpy_helper.from_array(rng.standard_normal((512, 64, 3, 3)).astype(np.float32) * 0.05, "w2")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["a", "scale"], ["b"], name="mul"),
+        helper.make_node("Relu", ["b"], ["c"], name="relu1"),
+        helper.make_node("Conv", ["c", "w2"], ["d"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d"], ["e"], name="relu2"),
+        helper.make_node("Identity", ["e"], ["y"], name="alias"),
+    ]
+    graph = helper.make_graph(nodes, "two-convs",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 512, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_weights_an_optimizer_may_fold_into_are_not_lifted():
+    """A Conv whose output a Mul scales keeps its weight for the optimizer; the other is lifted."""
+    from onnx_thinet.io.lifting import layer_weights
+
+    model = _two_large_convs(np.random.default_rng(0))
+    assert layer_weights(model) == {"w1", "w2"}
+    assert layer_weights(model, unless_read_by={"Conv": ["Mul"]}) == {"w2"}
+    assert layer_weights(model, unless_read_by={"Gemm": ["Mul"]}) == {"w1", "w2"}
+
+
+def test_lifted_weights_come_back_in_place_and_folds_still_happen():
+    """onnxruntime's optimizer gets the Mul's Conv weight (it folds the Mul into it) and not the
+    other, which the canonical model has back unchanged, as an initializer; outputs agree."""
+    import onnxruntime as ort
+
+    from onnx_thinet.io.canonical import canonicalize_steps
+
+    rng = np.random.default_rng(1)
+    model = _two_large_convs(rng)
+    before = model.SerializeToString()
+    canonical, steps = canonicalize_steps(model)
+    assert model.SerializeToString() == before  # the input model is not touched
+    assert [(s.step, s.applied) for s in steps] == [("onnxsim", True), ("onnxruntime", True)], steps
+    assert [n.op_type for n in canonical.graph.node] == ["Conv", "Relu", "Conv", "Relu"]
+    assert [v.name for v in canonical.graph.input] == ["x"] and canonical.graph.name == "two-convs"
+    weights = {t.name: numpy_helper.to_array(t) for t in canonical.graph.initializer}
+    w2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2"))
+    assert np.array_equal(weights["w2"], w2)
+    assert "w1" not in weights or not np.array_equal(
+        weights["w1"], numpy_helper.to_array(model.graph.initializer[0]))  # the scale went into it
+    x = rng.standard_normal((2, 512, 4, 4)).astype(np.float32)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+           for m in (model, canonical)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-4, atol=1e-5)

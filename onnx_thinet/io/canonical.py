@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from onnx_thinet.errors import one_line
 from onnx_thinet.io.probe import outputs_differ, probe, quiet_onnxruntime, reference_after
+from onnx_thinet.io.lifting import graft_lifted, layer_weights, lift
 from onnx_thinet.io.simplify import simplify_lifted
 from onnx_thinet.io.weightless import infer_shapes, session_model
 
@@ -73,24 +74,24 @@ def canonicalize_steps(
 
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` (the one copy of its weights) with constants and weights in one place."""
-    own = onnx.ModelProto()
-    own.CopyFrom(model)
+    own = _copy(model)
     return _name_nodes(_weights_without_identity(_weights_not_inputs(_constants_to_initializers(own))))
 
 
 def _chained(model: onnx.ModelProto, steps) -> tuple[onnx.ModelProto, tuple[CanonicalStep, ...]] | None:
     """Every step in turn, checked once at the end (one probe session fewer per step than
     checking each: a VGG-16 session costs seconds); None when the result's outputs differ or
-    cannot be compared, so that each step is judged on its own."""
-    current, reference, failed = _prepared(model), None, {}
+    cannot be compared, so that each step is judged on its own. The steps consume the model
+    they are given, so the prepared input is probed first."""
+    current, failed = _prepared(model), {}
+    reference = probe(current)
     for name, step in steps:
         candidate, failure = _attempt(step, current)
         if failure is not None:
             failed[name] = failure
             continue
-        reference = reference or probe(current)  # the prepared input, probed before it goes
         current = candidate
-    if reference is None:  # no step ran: nothing to check
+    if len(failed) == len(steps):  # no step ran: nothing to check
         return current, tuple(CanonicalStep(n, False, failed[n]) for n, _ in steps)
     if outputs_differ(reference, current)[0] is not None:
         return None
@@ -103,7 +104,7 @@ def _stepwise(model: onnx.ModelProto, steps) -> tuple[onnx.ModelProto, tuple[Can
     done = []
     reference = None  # the probe of `model`, reused across steps while `model` stays
     for name, step in steps:
-        candidate, reason = _attempt(step, model)
+        candidate, reason = _attempt(step, _copy(model))  # a step consumes its model
         if reason is None:
             reference = reference or probe(model)
             reason, run = outputs_differ(reference, candidate)
@@ -111,6 +112,12 @@ def _stepwise(model: onnx.ModelProto, steps) -> tuple[onnx.ModelProto, tuple[Can
                 model, reference = candidate, reference_after(candidate, run)
         done.append(CanonicalStep(name, reason is None, reason))
     return model, tuple(done)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    own = onnx.ModelProto()
+    own.CopyFrom(model)
+    return own
 
 
 def _attempt(step, model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str | None]:
@@ -138,12 +145,26 @@ def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _simplify_onnxsim(model: onnx.ModelProto) -> onnx.ModelProto:
-    return _restore_model_fields(model, simplify_lifted(model))
+    return simplify_lifted(model)
+
+
+# Ops that onnxruntime's basic level may fold into the values of the layer before them
+# (ConvMulFusion, ConvAddFusion, ConvBNFusion, MatMulBNFusion): such a layer's weights must
+# reach it. MatMulAddFusion only moves a MatMul's weight into a Gemm, lifted or not.
+_CONV_FOLDS = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
+_ORT_FOLDS_INTO_WEIGHTS = {"Conv": _CONV_FOLDS, "ConvTranspose": _CONV_FOLDS,
+                           "MatMul": ("Mul", "Div", "BatchNormalization"),
+                           "Gemm": ("Mul", "Div", "BatchNormalization")}
 
 
 def _optimize_ort_basic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's basic optimizer; `model` is consumed (its graph replaced, see `io.lifting`).
+
+    The layer weights it cannot change go to it as graph inputs: its result is written to a
+    file and read back, and VGG-16's 553 MB of weights took seconds each way."""
     import onnxruntime as ort
 
+    lifted = layer_weights(model, unless_read_by=_ORT_FOLDS_INTO_WEIGHTS)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "opt.onnx")
         opts = ort.SessionOptions()
@@ -151,7 +172,7 @@ def _optimize_ort_basic(model: onnx.ModelProto) -> onnx.ModelProto:
         opts.optimized_model_filepath = out
         opts.log_severity_level = 4
         opts.add_session_config_entry("session.disable_prepacking", "1")  # never runs: packing is waste
-        session_model(model).session(opts, ["CPUExecutionProvider"])  # writes `out`, weights inline
+        session_model(lift(model, lifted)).session(opts, ["CPUExecutionProvider"])  # writes `out`
         optimized = onnx.load(out)
     if any(n.domain not in ("", "ai.onnx") for n in optimized.graph.node):
         raise RuntimeError("optimizer introduced non-standard ops")
@@ -159,22 +180,7 @@ def _optimize_ort_basic(model: onnx.ModelProto) -> onnx.ModelProto:
     if sum(n.op_type == "Cast" for n in optimized.graph.node) > casts:
         # float16 on CPU: the runtime wraps kernels in float32 Casts, not a change to keep
         raise RuntimeError("optimizer inserted precision Casts")
-    return _restore_model_fields(model, optimized)
-
-
-def _restore_model_fields(source: onnx.ModelProto, target: onnx.ModelProto) -> onnx.ModelProto:
-    """Keep what a user's serving stack may key on: metadata, producer, doc, graph name."""
-    del target.metadata_props[:]
-    target.metadata_props.extend(source.metadata_props)
-    target.producer_name = source.producer_name
-    target.producer_version = source.producer_version
-    target.doc_string = source.doc_string
-    target.model_version = source.model_version
-    target.graph.name = source.graph.name
-    target.ir_version = source.ir_version
-    del target.opset_import[:]
-    target.opset_import.extend(source.opset_import)
-    return target
+    return graft_lifted(model, optimized, lifted)
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

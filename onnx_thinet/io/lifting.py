@@ -1,0 +1,89 @@
+"""Third-party graph optimizers without the layer weights they leave alone.
+
+onnx-simplifier copies whatever it is given many times over, and onnxruntime's optimizer writes
+every weight to a file that must be read back (VGG-16: 553 MB each way). The large weights of
+Conv, Gemm and MatMul go to them as graph inputs instead, and the optimized graph is grafted
+back onto the model that holds them, so the weights are never copied at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import onnx
+
+from onnx_thinet.io.weightless import is_large_weight, weightless_copy
+
+__all__ = ["LIFTED_ELEMENTS", "graft_lifted", "lift", "layer_weights"]
+
+LIFTED_ELEMENTS = 1 << 18  # weights of 1 MB (float32) and more
+_WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,)}
+
+
+def layer_weights(model: onnx.ModelProto, unless_read_by: Mapping[str, Iterable[str]] | None = None) -> set[str]:
+    """Large float initializers read only as the weight or bias of a Conv, Gemm or MatMul.
+
+    `unless_read_by[layer op]`: op types that, reading such a layer's output, make its weights
+    stay (an optimizer may fold that op into them: onnxruntime folds a Mul after a Conv).
+    """
+    folding = {op: set(readers) for op, readers in (unless_read_by or {}).items()}
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    large = {t.name for t in model.graph.initializer
+             if is_large_weight(t) and math.prod(t.dims) >= LIFTED_ELEMENTS}
+    for node in model.graph.node:
+        slots = _WEIGHT_SLOTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
+        large -= {name for k, name in enumerate(node.input) if k not in slots}
+        if slots and any(readers.get(out, set()) & folding.get(node.op_type, set()) for out in node.output):
+            large -= set(node.input)
+        for attr in node.attribute:  # subgraphs may read them too
+            if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                large -= {i for g in [attr.g, *attr.graphs] for n in g.node for i in n.input}
+    return large - {o.name for o in model.graph.output}
+
+
+def lift(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of `model` without the weight bytes of `names`, which become graph inputs."""
+    light = weightless_copy(model, strip=lambda t: t.name in names)
+    kept = [t for t in light.graph.initializer if t.name not in names]
+    for tensor in light.graph.initializer:
+        if tensor.name in names:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(kept)
+    return light
+
+
+def graft_lifted(source: onnx.ModelProto, optimized: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """`source` (consumed) with the graph of `optimized`, a lifted copy's result.
+
+    The lifted weights the optimized graph still reads stay where they are in `source`; its
+    other initializers go, and the optimized graph's own come in. The model's own fields
+    (metadata, producer, opsets) and the graph's name stay the source's; its local functions
+    are the optimizer's.
+    """
+    graph, name = optimized.graph, source.graph.name
+    read = {v.name for v in graph.input if v.name in names}
+    inputs = [v for v in graph.input if v.name not in names]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    initializers = source.graph.initializer
+    for k in reversed(range(len(initializers))):
+        if initializers[k].name not in read:
+            del initializers[k]
+    for field in [f.name for f, _ in source.graph.ListFields() if f.name != "initializer"]:
+        source.graph.ClearField(field)
+    for descriptor, value in graph.ListFields():
+        if descriptor.is_repeated:
+            getattr(source.graph, descriptor.name).extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(source.graph, descriptor.name).CopyFrom(value)
+        else:
+            setattr(source.graph, descriptor.name, value)
+    source.graph.name = name
+    del source.functions[:]
+    source.functions.extend(optimized.functions)
+    return source
