@@ -17,8 +17,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_thinet.errors import one_line
-from onnx_thinet.io.probe import outputs_differ, probe, quiet_onnxruntime, reference_after
 from onnx_thinet.io.lifting import graft_lifted, layer_weights, lift
+from onnx_thinet.io.probe import outputs_differ, probe, quiet_onnxruntime, reference_after
 from onnx_thinet.io.simplify import simplify_lifted
 from onnx_thinet.io.weightless import infer_shapes, session_model
 
