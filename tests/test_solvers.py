@@ -173,6 +173,29 @@ def test_refit_matches_lstsq_with_intercept_and_reports_its_error():
     assert refit_error(moments, cols, w, b) == pytest.approx(direct, rel=1e-6)
 
 
+@pytest.mark.parametrize("intercept", [True, False])
+@pytest.mark.parametrize("ridge", [0.0, 1e-3, 3.0])
+def test_refit_with_error_is_the_refit_and_its_direct_error(intercept, ridge):
+    """The error from the solve's own equations (ridge > 0: a Cholesky factor) and the product
+    with G (ridge 0 on a singular G: the floored eigen-solve) both match the residual itself."""
+    from onnx_thinet.solve.solvers import refit_with_error
+
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal((500, 12)) + 1.5
+    p[:, 11] = p[:, 3]  # a duplicated input: G is singular
+    t = p @ rng.standard_normal((12, 4)) + 0.3 * rng.standard_normal((500, 4)) + 2.0
+    cols = np.array([0, 1, 3, 5, 6, 8, 11])
+    prior = rng.standard_normal((12, 4))
+    moments = _moments(p, t)
+    w, b, error = refit_with_error(moments, cols, intercept=intercept, ridge=ridge, prior=prior)
+    w_ref, b_ref = refit_least_squares(moments, cols, intercept=intercept, ridge=ridge, prior=prior)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(b, b_ref, rtol=1e-12, atol=1e-12)
+    direct = np.linalg.norm(t - p[:, cols] @ w - b) / np.linalg.norm(t)
+    assert error == pytest.approx(direct, rel=1e-7)
+    assert error == pytest.approx(refit_error(moments, cols, w, b), rel=1e-7)
+
+
 def test_ridge_shrinks_weights_but_not_the_intercept():
     rng = np.random.default_rng(8)
     p = rng.standard_normal((300, 5)) + 3.0

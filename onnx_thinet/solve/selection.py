@@ -15,8 +15,7 @@ from onnx_thinet.solve.baselines import select_apoz, select_l1, select_lasso, se
 from onnx_thinet.solve.solvers import (
     choose_ridge,
     reconstruction_error,
-    refit_error,
-    refit_least_squares,
+    refit_with_error,
     rescale_least_squares,
     select_thinet,
     select_thinet_ls,
@@ -147,9 +146,8 @@ def _refit_consumers(group: ChannelGroup, stats, kept: np.ndarray, before: float
             else:
                 chosen = ridge
             moments = refit.total
-            matrix, bias = refit_least_squares(moments, columns, intercept=intercept, ridge=chosen,
-                                               prior=refit.prior)
-            error = refit_error(moments, columns, matrix, bias)
+            matrix, bias, error = refit_with_error(moments, columns, intercept=intercept, ridge=chosen,
+                                                   prior=refit.prior)
         squared += error**2 * moments.target_sq
         total += moments.target_sq
         refits[consumer.node] = Refit(matrix, bias if intercept else None, chosen)

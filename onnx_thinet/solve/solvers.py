@@ -24,6 +24,7 @@ __all__ = [
     "reconstruction_error",
     "refit_error",
     "refit_least_squares",
+    "refit_with_error",
     "rescale_least_squares",
     "select_thinet",
     "select_thinet_ls",
@@ -234,22 +235,25 @@ def _shifted_cholesky_solve(g: np.ndarray, penalty: float, rhs: np.ndarray) -> n
     return linalg.cho_solve(factor, rhs, check_finite=False)
 
 
-def _floored_solve(g: np.ndarray, rhs: np.ndarray, penalty: float) -> np.ndarray:
+def _floored_solve(g: np.ndarray, rhs: np.ndarray, penalty: float, factored: bool = False):
     """(G + penalty·I)⁻¹ rhs, with no step along directions G does not see (eigenvalue under
     1e-12 of the largest): inputs that duplicate channels make G singular, and a plain solve
-    turns float rounding there into huge cancelling weights. `choose_ridge` scores this solve."""
+    turns float rounding there into huge cancelling weights. `choose_ridge` scores this solve.
+    With `factored`, also whether it was the plain solve (a Cholesky factor of G + penalty·I)."""
     if penalty >= 1e-10 * max(float(np.trace(g)), 0.0) > 0.0:
         # every eigenvalue plus the penalty clears the floor (the largest is at most the
         # trace): the floored solve is the plain one, and a Cholesky factor is 10x an eigh
         try:
-            return _shifted_cholesky_solve(g, penalty, rhs)
+            step = _shifted_cholesky_solve(g, penalty, rhs)
+            return (step, True) if factored else step
         except linalg.LinAlgError:
             pass
     values, vectors = _eigh(g)
     floor = max(float(values.max(initial=0.0)), 1e-30) * 1e-12
     shrink = values + penalty
     gain = np.where(shrink > floor, 1.0 / np.maximum(shrink, floor), 0.0)
-    return vectors @ (gain[:, None] * (vectors.T @ rhs))
+    step = vectors @ (gain[:, None] * (vectors.T @ rhs))
+    return (step, False) if factored else step
 
 
 def refit_least_squares(
@@ -268,15 +272,36 @@ def refit_least_squares(
     W₀) is what the fit shrinks toward: the layer's own weights, so that a fit from few samples
     stays near the unpruned layer instead of near zero.
     """
-    columns = np.asarray(columns, dtype=np.int64)
+    return _refit(moments, np.asarray(columns, dtype=np.int64), intercept, ridge, prior, scored=False)[:2]
+
+
+def refit_with_error(moments: FitMoments, columns: np.ndarray, intercept: bool = True, ridge: float = 0.0,
+                     prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """`refit_least_squares` and the fit's `refit_error`. Where the shifted Gram was factored,
+    G·W = C − λ·(W − W₀) gives the error without a product of G with W (ResNet-50: 0.5 s)."""
+    return _refit(moments, np.asarray(columns, dtype=np.int64), intercept, ridge, prior, scored=True)
+
+
+def _refit(moments, columns: np.ndarray, intercept: bool, ridge: float, prior, scored: bool):
     if isinstance(moments, FitSamples):
-        return _refit_dual(moments, columns, intercept, ridge, prior)
+        weights, bias = _refit_dual(moments, columns, intercept, ridge, prior)
+        return weights, bias, refit_error(moments, columns, weights, bias) if scored else None
     g, c = _centered(moments, columns, intercept)
     penalty = ridge * max(float(np.trace(g)) / max(len(columns), 1), 1e-30)
     base = np.zeros_like(c) if prior is None else prior[columns]
     rhs = c - g @ base  # solve for the change from W₀: with too few samples, the least change
-    weights = base + _floored_solve(g, rhs, penalty)
-    return weights, _bias(moments, columns, weights, intercept)
+    step, factored = _floored_solve(g, rhs, penalty, factored=True)
+    weights = base + step
+    bias = _bias(moments, columns, weights, intercept)
+    if not scored:
+        return weights, bias, None
+    if not factored:  # the floored directions break the identity: the product it is
+        return weights, bias, refit_error(moments, columns, weights, bias)
+    centred_sq = moments.target_sq
+    if intercept and moments.count:
+        centred_sq -= float(moments.target_sum @ moments.target_sum) / moments.count
+    sq = centred_sq - float(np.sum(weights * c)) - penalty * float(np.sum(weights * step))
+    return weights, bias, _relative(sq, moments.target_sq)
 
 
 def refit_error(moments: FitMoments, columns: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> float:
@@ -287,7 +312,11 @@ def refit_error(moments: FitMoments, columns: np.ndarray, weights: np.ndarray, b
         sq = float(np.sum(diff * diff))
     else:
         sq = _squared_error(moments, np.asarray(columns, dtype=np.int64), weights, bias)
-    return float(np.sqrt(max(sq, 0.0) / moments.target_sq)) if moments.target_sq > 0 else 0.0
+    return _relative(sq, moments.target_sq)
+
+
+def _relative(squared: float, target_sq: float) -> float:
+    return float(np.sqrt(max(squared, 0.0) / target_sq)) if target_sq > 0 else 0.0
 
 
 def _squared_error(m: FitMoments, columns: np.ndarray, w: np.ndarray, b: np.ndarray) -> float:
