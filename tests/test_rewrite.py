@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import numpy_helper
 
 from onnx_thinet.channels.consumers import CONV, CONV_TRANSPOSE, LINEAR
@@ -64,6 +65,27 @@ def test_cut_removes_filters_every_per_channel_parameter_and_reader_inputs():
         np.testing.assert_array_equal(after[name], before[name][kept])
     np.testing.assert_array_equal(after["conv2.w"], before["conv2.w"][:, kept])
     np.testing.assert_allclose(_run(model, x), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_a_cut_weight_keeps_one_value_field(raw):
+    """Raw weights are rewritten in place, others through a new tensor: either way one value
+    field (raw bytes), the kept values, and no bytes of the old shape."""
+    model, group = _chain()
+    before = _arrays(model)
+    tensors = {t.name: t for t in model.graph.initializer}
+    for name in ("conv1.w", "conv2.w"):
+        tensors[name].CopyFrom(onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, before[name].shape,
+                                                       before[name].ravel(), raw=raw))
+    kept = np.array([0, 2, 5, 7])
+    apply_selection(model, group, kept)
+    tensors = {t.name: t for t in model.graph.initializer}
+    for name, expected in (("conv1.w", before["conv1.w"][kept]), ("conv2.w", before["conv2.w"][:, kept])):
+        tensor = tensors[name]
+        assert list(tensor.dims) == list(expected.shape) and len(tensor.float_data) == 0
+        assert len(tensor.raw_data) == expected.nbytes
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), expected)
+    onnx.checker.check_model(model, full_check=True)
 
 
 def test_reader_scales_multiply_the_kept_input_positions():
