@@ -52,7 +52,7 @@ def providers_for(device: str) -> list[str]:
 
 
 def make_session(model: onnx.ModelProto, device: str = "cpu", arena: bool = False,
-                 arrays: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
+                 arrays: Mapping[str, np.ndarray] | None = None, spin: bool = False) -> ort.InferenceSession:
     """A session on `device`; warns once when CUDA was asked for but the session does not use it
     (onnxruntime falls back to the CPU silently when the CUDA libraries cannot be loaded).
 
@@ -62,6 +62,9 @@ def make_session(model: onnx.ModelProto, device: str = "cpu", arena: bool = Fals
     ResNet-50 at 256 images peaked at 4.5 GB keeping them there, 2.4 GB copying them). It
     makes runs about a quarter faster than fresh allocations, which this VM faults in slowly.
     `arrays`: values of the initializers `model` carries as dims alone (see `SessionModel`).
+    `spin`: worker threads wait for work spinning, for a caller that runs its batches back to
+    back and then drops the session (spinning threads would take the cores of numpy between
+    runs, or of another session's runs).
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # a failure reaches the caller as an exception, not a log line
@@ -74,8 +77,7 @@ def make_session(model: onnx.ModelProto, device: str = "cpu", arena: bool = Fals
     # without the pattern, 0.11 s from the second)
     opts.enable_mem_pattern = False
     opts.add_session_config_entry("session.disable_prepacking", "1")
-    # numpy's statistics run between the runs: worker threads that spin after a run take its cores
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     providers = providers_for(device)
     session = session_model(model, arrays).session(opts, [_with_options(p) for p in providers])
     if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in session.get_providers():

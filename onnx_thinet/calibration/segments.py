@@ -95,9 +95,11 @@ class SegmentRunner:
         outputs = sorted((set(targets) | (produced & keep)) - self._available(graph))
         inputs = sorted({i for n in nodes for i in n.input if i and i not in produced
                          and i not in graph.initializers})
-        # with its arena: the store copies what it keeps in memory out of it
+        # with its arena: the store copies what it keeps in memory out of it; its batches run
+        # back to back, so its threads may spin between them (ResNet-50: onnxruntime 6.8, 5.9 s
+        # → 6.0, 5.6 s, alternating runs)
         segment, arrays = _segment_model(model, nodes, inputs, outputs)
-        session = make_session(segment, self.device, arena=True, arrays=arrays)
+        session = make_session(segment, self.device, arena=True, arrays=arrays, spin=True)
         graph_feeds = set(graph.inputs)
         whole = self.batching.run_size is not None and runs_per_sample(nodes, model)
         shapes = _known_shapes(model, outputs)
