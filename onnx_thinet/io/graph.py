@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +66,6 @@ def _check_without_weights(model: onnx.ModelProto) -> None:
 
     The checker parses whatever it is given in C++ (VGG-16's 553 MB of weights: 2 s); of a
     float weight's values it checks only that one field holds them, which is checked here."""
-    import tempfile
-
     for tensor in model.graph.initializer:
         if is_large_weight(tensor) and _value_fields(tensor) != 1:
             raise ValueError(f"tensor {tensor.name!r} must have one and only one value field")

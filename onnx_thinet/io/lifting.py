@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import onnx
 
-from onnx_thinet.io.weightless import is_large_weight, weightless_copy
+from onnx_thinet.io.weightless import copy_fields, is_large_weight, weightless_copy
 
 __all__ = ["LIFTED_ELEMENTS", "graft_lifted", "lift", "layer_weights"]
 
@@ -76,13 +76,8 @@ def graft_lifted(source: onnx.ModelProto, optimized: onnx.ModelProto, names: set
             del initializers[k]
     for field in [f.name for f, _ in source.graph.ListFields() if f.name != "initializer"]:
         source.graph.ClearField(field)
-    for descriptor, value in graph.ListFields():
-        if descriptor.is_repeated:
-            getattr(source.graph, descriptor.name).extend(value)
-        elif descriptor.type == descriptor.TYPE_MESSAGE:
-            getattr(source.graph, descriptor.name).CopyFrom(value)
-        else:
-            setattr(source.graph, descriptor.name, value)
+    copy_fields(graph, source.graph, skip="initializer")
+    initializers.extend(graph.initializer)
     source.graph.name = name
     del source.functions[:]
     source.functions.extend(optimized.functions)

@@ -22,6 +22,7 @@ from onnx_thinet.errors import one_line
 __all__ = [
     "LARGE_WEIGHT_ELEMENTS",
     "SessionModel",
+    "copy_fields",
     "infer_shapes",
     "is_large_weight",
     "is_session_array",
@@ -54,8 +55,8 @@ def weightless_copy(model: onnx.ModelProto,
     functions, small and integer initializers) is copied verbatim.
     """
     light = onnx.ModelProto()
-    _copy_fields(model, light, skip="graph")
-    _copy_fields(model.graph, light.graph, skip="initializer")
+    copy_fields(model, light, skip="graph")
+    copy_fields(model.graph, light.graph, skip="initializer")
     for tensor in model.graph.initializer:
         if strip(tensor):
             light.graph.initializer.append(weight_stub(tensor))
@@ -84,8 +85,8 @@ def infer_shapes(model: onnx.ModelProto, in_place: bool = False) -> onnx.ModelPr
         target.ClearField(field)
     for field in [f.name for f, _ in target.graph.ListFields() if f.name != "initializer"]:
         target.graph.ClearField(field)
-    _copy_fields(inferred, target, skip="graph")
-    _copy_fields(inferred.graph, target.graph, skip="initializer")
+    copy_fields(inferred, target, skip="graph")
+    copy_fields(inferred.graph, target.graph, skip="initializer")
     return target
 
 
@@ -140,7 +141,7 @@ def is_session_array(tensor: TensorProto) -> bool:
     return is_large_weight(tensor) and tensor.data_type != TensorProto.BFLOAT16
 
 
-def _copy_fields(source, target, skip: str) -> None:
+def copy_fields(source, target, skip: str) -> None:
     """Copy every set field of one protobuf message into another of its type, but `skip`."""
     for descriptor, value in source.ListFields():
         if descriptor.name == skip:
