@@ -235,25 +235,23 @@ def _shifted_cholesky_solve(g: np.ndarray, penalty: float, rhs: np.ndarray) -> n
     return linalg.cho_solve(factor, rhs, check_finite=False)
 
 
-def _floored_solve(g: np.ndarray, rhs: np.ndarray, penalty: float, factored: bool = False):
+def _floored_solve(g: np.ndarray, rhs: np.ndarray, penalty: float) -> tuple[np.ndarray, bool]:
     """(G + penalty·I)⁻¹ rhs, with no step along directions G does not see (eigenvalue under
     1e-12 of the largest): inputs that duplicate channels make G singular, and a plain solve
     turns float rounding there into huge cancelling weights. `choose_ridge` scores this solve.
-    With `factored`, also whether it was the plain solve (a Cholesky factor of G + penalty·I)."""
+    Also returns whether it was the plain solve (a Cholesky factor of G + penalty·I)."""
     if penalty >= 1e-10 * max(float(np.trace(g)), 0.0) > 0.0:
         # every eigenvalue plus the penalty clears the floor (the largest is at most the
         # trace): the floored solve is the plain one, and a Cholesky factor is 10x an eigh
         try:
-            step = _shifted_cholesky_solve(g, penalty, rhs)
-            return (step, True) if factored else step
+            return _shifted_cholesky_solve(g, penalty, rhs), True
         except linalg.LinAlgError:
             pass
     values, vectors = _eigh(g)
     floor = max(float(values.max(initial=0.0)), 1e-30) * 1e-12
     shrink = values + penalty
     gain = np.where(shrink > floor, 1.0 / np.maximum(shrink, floor), 0.0)
-    step = vectors @ (gain[:, None] * (vectors.T @ rhs))
-    return (step, False) if factored else step
+    return vectors @ (gain[:, None] * (vectors.T @ rhs)), False
 
 
 def refit_least_squares(
@@ -290,7 +288,7 @@ def _refit(moments, columns: np.ndarray, intercept: bool, ridge: float, prior, s
     penalty = ridge * max(float(np.trace(g)) / max(len(columns), 1), 1e-30)
     base = np.zeros_like(c) if prior is None else prior[columns]
     rhs = c - g @ base  # solve for the change from W₀: with too few samples, the least change
-    step, factored = _floored_solve(g, rhs, penalty, factored=True)
+    step, factored = _floored_solve(g, rhs, penalty)
     weights = base + step
     bias = _bias(moments, columns, weights, intercept)
     if not scored:
@@ -422,7 +420,7 @@ class _HeldOutFit:
 
     def error(self, ridge: float) -> float:
         if len(self.gram) < FLOAT32_DIMS:
-            step = _floored_solve(self.gram, self.rhs, ridge * self.mean_var)  # a Cholesky or two
+            step = _floored_solve(self.gram, self.rhs, ridge * self.mean_var)[0]  # a Cholesky or two
         else:
             step = self._single_step(ridge)
         w = self.base + step
