@@ -339,3 +339,26 @@ def test_lifted_weights_come_back_in_place_and_folds_still_happen():
     run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
            for m in (model, canonical)]
     np.testing.assert_allclose(run[1], run[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(builders.FAMILIES))
+def test_onnxruntime_step_gives_the_same_model_with_every_layer_weight_lifted(family, monkeypatch):
+    """onnxruntime's optimizer on each test family with every Conv/Gemm/MatMul weight it leaves
+    alone lifted (whatever its size) gives the graph and weights it gives with none lifted."""
+    from onnx_thinet.io import canonical, lifting
+
+    model = canonical._prepared(builders.FAMILIES[family]()[0])
+    results = []
+    for lift_all in (False, True):
+        monkeypatch.setattr(lifting, "LIFTED_ELEMENTS", 1 if lift_all else 1 << 62)
+        own = onnx.ModelProto()
+        own.CopyFrom(model)
+        results.append(canonical._optimize_ort_basic(own))
+    plain, lifted = results
+    assert [(n.op_type, list(n.input), list(n.output)) for n in lifted.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in plain.graph.node]
+    assert [v.SerializeToString() for v in lifted.graph.input] == [v.SerializeToString() for v in plain.graph.input]
+    assert {t.name: numpy_helper.to_array(t).tolist() for t in lifted.graph.initializer} == \
+        {t.name: numpy_helper.to_array(t).tolist() for t in plain.graph.initializer}
+    lifted_names = lifting.layer_weights(model, canonical._ORT_FOLDS_INTO_WEIGHTS, canonical._ORT_MOVES)
+    assert lifted_names  # every family has a layer whose weights the step does not get

@@ -155,6 +155,9 @@ _CONV_FOLDS = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
 _ORT_FOLDS_INTO_WEIGHTS = {"Conv": _CONV_FOLDS, "ConvTranspose": _CONV_FOLDS,
                            "MatMul": ("Mul", "Div", "BatchNormalization"),
                            "Gemm": ("Mul", "Div", "BatchNormalization")}
+# ops its layout and elimination passes may move or remove first, bringing such an op next to
+# the layer (tf2onnx writes Conv → Transpose → Mul for an NHWC BatchNorm)
+_ORT_MOVES = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Dropout")
 
 
 def _optimize_ort_basic(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -164,7 +167,7 @@ def _optimize_ort_basic(model: onnx.ModelProto) -> onnx.ModelProto:
     file and read back, and VGG-16's 553 MB of weights took seconds each way."""
     import onnxruntime as ort
 
-    lifted = layer_weights(model, unless_read_by=_ORT_FOLDS_INTO_WEIGHTS)
+    lifted = layer_weights(model, unless_read_by=_ORT_FOLDS_INTO_WEIGHTS, through=_ORT_MOVES)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "opt.onnx")
         opts = ort.SessionOptions()

@@ -8,7 +8,6 @@ back onto the model that holds them, so the weights are never copied at all.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import onnx
@@ -21,28 +20,47 @@ LIFTED_ELEMENTS = 1 << 18  # weights of 1 MB (float32) and more
 _WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,)}
 
 
-def layer_weights(model: onnx.ModelProto, unless_read_by: Mapping[str, Iterable[str]] | None = None) -> set[str]:
+def layer_weights(model: onnx.ModelProto, unless_read_by: Mapping[str, Iterable[str]] | None = None,
+                  through: Iterable[str] = ()) -> set[str]:
     """Large float initializers read only as the weight or bias of a Conv, Gemm or MatMul.
 
     `unless_read_by[layer op]`: op types that, reading such a layer's output, make its weights
-    stay (an optimizer may fold that op into them: onnxruntime folds a Mul after a Conv).
+    stay (an optimizer may fold that op into them: onnxruntime folds a Mul after a Conv), also
+    when they read it through ops in `through` (which the optimizer may move or remove first:
+    a Transpose between a tf2onnx Conv and its BatchNorm's Mul).
     """
     folding = {op: set(readers) for op, readers in (unless_read_by or {}).items()}
-    readers: dict[str, set[str]] = {}
+    readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
-            readers.setdefault(name, set()).add(node.op_type)
-    large = {t.name for t in model.graph.initializer
-             if is_large_weight(t) and math.prod(t.dims) >= LIFTED_ELEMENTS}
+            readers.setdefault(name, []).append(node)
+    large = {t.name for t in model.graph.initializer if is_large_weight(t, above=LIFTED_ELEMENTS - 1)}
     for node in model.graph.node:
         slots = _WEIGHT_SLOTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
         large -= {name for k, name in enumerate(node.input) if k not in slots}
-        if slots and any(readers.get(out, set()) & folding.get(node.op_type, set()) for out in node.output):
+        if slots and _reaches(node, readers, folding.get(node.op_type, set()), set(through)):
             large -= set(node.input)
         for attr in node.attribute:  # subgraphs may read them too
             if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
                 large -= {i for g in [attr.g, *attr.graphs] for n in g.node for i in n.input}
     return large - {o.name for o in model.graph.output}
+
+
+def _reaches(node: onnx.NodeProto, readers, targets: set[str], through: set[str]) -> bool:
+    """Whether a reader of `node`'s outputs, directly or past `through` ops, is a `targets` op."""
+    stack = [out for out in node.output if out]
+    seen: set[str] = set()
+    while targets and stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for reader in readers.get(name, []):
+            if reader.op_type in targets:
+                return True
+            if reader.op_type in through:
+                stack.extend(out for out in reader.output if out)
+    return False
 
 
 def lift(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:

@@ -40,10 +40,12 @@ _FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLO
 _IN_MEMORY = "onnx-thinet-in-memory"  # external-data location of weights handed over as OrtValues
 
 
-def is_large_weight(tensor: TensorProto) -> bool:
-    """A float initializer held in memory and too large to be a shape constant."""
+def is_large_weight(tensor: TensorProto, above: int | None = None) -> bool:
+    """A float initializer held in memory and too large to be a shape constant (or with more
+    than `above` elements)."""
+    limit = LARGE_WEIGHT_ELEMENTS if above is None else above
     return (tensor.data_type in _FLOAT_TYPES and tensor.data_location != TensorProto.EXTERNAL
-            and math.prod(tensor.dims) > LARGE_WEIGHT_ELEMENTS)
+            and math.prod(tensor.dims) > limit)
 
 
 def weightless_copy(model: onnx.ModelProto,
