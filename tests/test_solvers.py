@@ -196,6 +196,33 @@ def test_refit_with_error_is_the_refit_and_its_direct_error(intercept, ridge):
     assert error == pytest.approx(refit_error(moments, cols, w, b), rel=1e-7)
 
 
+@pytest.mark.parametrize("ridge", [1e-2, 3.0, 1e3])
+def test_a_wide_refit_solves_in_float32_only_where_its_ridge_bounds_the_error(monkeypatch, ridge):
+    """Past FLOAT32_DIMS unknowns a ridge that bounds the condition number (trace ≤ 1e3 ×
+    penalty) solves in float32: weights within 1e-4 of float64's, and the same reported error;
+    a small ridge, where float32 would not be safe, is the float64 solve itself."""
+    from onnx_thinet.solve import solvers
+
+    rng = np.random.default_rng(13)
+    dims, outputs, rows = FLOAT32_DIMS + 40, 96, 4000
+    p = (rng.standard_normal((rows, dims)) * rng.uniform(0.2, 3.0, dims)).astype(np.float32) + 1.0
+    prior = rng.standard_normal((dims, outputs))
+    t = p @ (prior + 0.1 * rng.standard_normal((dims, outputs))) + 0.5 * rng.standard_normal((rows, outputs))
+    moments = _moments(p, t)
+    cols = np.arange(dims)
+    single = solvers.refit_with_error(moments, cols, ridge=ridge, prior=prior)
+    monkeypatch.setattr(solvers, "SINGLE_CONDITION", 0.0)
+    double = solvers.refit_with_error(moments, cols, ridge=ridge, prior=prior)
+    if ridge * 1e3 < dims:  # trace / penalty is dims / ridge: float64 throughout
+        np.testing.assert_array_equal(single[0], double[0])
+    scale = np.abs(double[0]).max()
+    np.testing.assert_allclose(single[0], double[0], rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(single[1], double[1], rtol=1e-4, atol=1e-4 * np.abs(double[1]).max())
+    assert single[2] == pytest.approx(double[2], rel=1e-4)
+    direct = np.linalg.norm(t - p @ single[0] - single[1]) / np.linalg.norm(t)
+    assert single[2] == pytest.approx(direct, rel=1e-4)
+
+
 def test_ridge_shrinks_weights_but_not_the_intercept():
     rng = np.random.default_rng(8)
     p = rng.standard_normal((300, 5)) + 3.0
