@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# OpenBLAS's worker threads spin for about 0.1 s after each threaded product before they
+# sleep, on the cores onnxruntime's threads run on next: a Conv run right after a two-thread
+# product took 1.6x as long. OpenBLAS reads this when it loads (with numpy or scipy), so it is
+# set first; a value the user set wins. Slim with it: ResNet-50 18.0, 17.9 s → 16.3, 16.2 s
+# (29 → 24.5 CPU-s), VGG-16 52.5, 50.2 s → 48.1, 47.1 s, alternating runs (docs/engine.md).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 from onnx_thinet.channels.analysis import Analysis, analyze
 from onnx_thinet.channels.layout import ChannelGroup, Consumer, Coupled, ParamSlice, Skipped
 from onnx_thinet.errors import InternalError, ThinetError

@@ -425,3 +425,28 @@ def test_a_refit_after_an_earlier_cut_of_its_input_shrinks_toward_its_own_kept_w
     head = next(n for n in result.model.graph.node if n.name == "head")
     refit = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == head.input[1]))
     np.testing.assert_allclose(refit, original[:, columns], rtol=1e-4, atol=1e-5)
+
+
+_NUMPY_SPY = (
+    "import os, sys\n"
+    "class Spy:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'numpy' and 'seen' not in globals():\n"
+    "            globals()['seen'] = os.environ.get('OPENBLAS_THREAD_TIMEOUT')\n"
+    "sys.meta_path.insert(0, Spy())\n"
+    "import onnx_thinet\n"
+    "print(seen)\n"
+)
+
+
+@pytest.mark.parametrize("chosen", [None, "12"])
+def test_openblas_threads_do_not_spin_by_the_time_numpy_loads_unless_the_user_chose(chosen):
+    """OpenBLAS reads its thread timeout once, when numpy loads it: importing the package sets
+    it first (idle BLAS workers would spin on the cores onnxruntime runs on next), and leaves a
+    value the user set."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if chosen:
+        env["OPENBLAS_THREAD_TIMEOUT"] = chosen
+    done = subprocess.run([sys.executable, "-c", _NUMPY_SPY], env=env, capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == [chosen or "4"]
