@@ -1,5 +1,6 @@
-"""Channel selection and least-squares reconstruction on plain arrays (no ONNX in here); the
-selection itself and ThiNet's rescale are in `channel_subset.py`, exported here too.
+"""Least-squares reconstruction of a layer's readers on plain arrays (no ONNX in here): refits
+and the cross-validation of their ridge. Channel selection and ThiNet's per-channel rescale
+are in `channel_subset.py`, exported here too.
 
 All ThiNet-style solvers work on sufficient statistics of the sampled problem
     y ≈ Σ_c w_c x_c      (one row per sampled consumer output)
