@@ -163,6 +163,8 @@ def channel_statistics(
                                   zero_counts)
         if progress is not None:
             progress(len(current.batching.rows(batch)))
+    for (producer, node), moments in exact.items():
+        moments.finish(stats[producer][node])
     return stats
 
 
