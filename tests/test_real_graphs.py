@@ -295,21 +295,23 @@ def test_shape_with_start_reads_the_channel_count_only_when_its_range_covers_it(
     assert ("conv1" in {g.producer for g in analysis.groups}) == prunable
 
 
-def test_layers_whose_shapes_inference_cannot_derive_are_measured_by_running_the_model(tmp_path):
+@pytest.mark.parametrize("width", [8, 48])
+def test_layers_whose_shapes_inference_cannot_derive_are_measured_by_running_the_model(tmp_path, width):
     """A Reshape target computed through float arithmetic defeats ONNX shape inference; the
-    layers after it still get their FLOPs, from one onnxruntime run at the stated size."""
+    layers after it still get their FLOPs, from one onnxruntime run at the stated size (also
+    when the weights are large enough that the counting copy carries their dims alone)."""
     n = Net(0)
-    h = n.node("Relu", [n.conv("x", "conv1", 3, 8)], "relu1")
+    h = n.node("Relu", [n.conv("x", "conv1", 3, width)], "relu1")
     dims = n.node("Cast", [n.node("Shape", [h], "shape")], "dims_f", to=TensorProto.FLOAT)
     dims = n.node("Mul", [dims, n.const("one", np.array([1.0], np.float32))], "dims_x1")
     h = n.node("Reshape", [h, n.node("Cast", [dims], "dims_i", to=TensorProto.INT64)], "same_shape")
-    n.conv(h, "conv2", 8, 4)
+    n.conv(h, "conv2", width, 4)
     onnx.save(n.model(["N", 3, "H", "W"], "conv2", ["N", 4, "H", "W"]), tmp_path / "m.onnx")
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.onnx"), "--json", "--no-simplify",
                                       "--input-shape", "x=1,3,16,20"])
     assert result.exit_code == 0, result.output
     flops = {layer["node"]: layer["flops"] for layer in json.loads(result.output)["layers"]}
-    assert flops == {"conv1": _conv_flops(8, 16, 20, 3, 3), "conv2": _conv_flops(4, 16, 20, 8, 3)}
+    assert flops == {"conv1": _conv_flops(width, 16, 20, 3, 3), "conv2": _conv_flops(4, 16, 20, width, 3)}
 
 
 @pytest.mark.parametrize("method", ["thinet", "l1"])

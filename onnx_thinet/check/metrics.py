@@ -17,6 +17,7 @@ import onnx
 from onnx import helper
 
 from onnx_thinet.io.graph import GraphIndex, graph_inputs, static_input_shapes
+from onnx_thinet.io.weightless import weightless_copy
 
 __all__ = ["LayerCost", "cost_input_shapes", "count_params", "layer_costs", "total_flops"]
 
@@ -85,11 +86,13 @@ def layer_costs(model: onnx.ModelProto, input_shapes: Shapes | None = None) -> l
     FLOPs are None throughout when the input size is unknown (see `cost_input_shapes`).
     """
     shapes = cost_input_shapes(model, input_shapes)
-    shaped = static_input_shapes(model, shapes) if shapes is not None else model
+    # counting reads dims alone: the sized copy has none of the weights' bytes (VGG-16's
+    # copies had been 553 MB each, two per run)
+    shaped = static_input_shapes(weightless_copy(model), shapes) if shapes is not None else model
     index = GraphIndex.build(shaped)
     nodes = [n for n in shaped.graph.node if n.op_type in _COSTED]
     if shapes is not None:
-        _fill_runtime_shapes(shaped, index, nodes, shapes)
+        _fill_runtime_shapes(model, index, nodes, shapes)
     costs = []
     for node in nodes:
         params = sum(
@@ -110,7 +113,8 @@ def _static(shape) -> bool:
 
 
 def _fill_runtime_shapes(model: onnx.ModelProto, index: GraphIndex, nodes, shapes: Shapes) -> None:
-    """Shapes of costed tensors that inference missed, from one onnxruntime run on zeros."""
+    """Shapes of costed tensors that inference missed, from one onnxruntime run of `model` (with
+    its weights) on zeros of `shapes`."""
     missing = sorted({name for n in nodes for name in (n.input[0], n.output[0])
                       if not _static(index.shapes.get(name)) and name not in index.initializers})
     if not missing:
