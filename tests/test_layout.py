@@ -15,6 +15,7 @@ from onnx_thinet.channels.layout import (
     channel_indicator,
     removed_positions,
     slice_channels,
+    without_positions,
 )
 
 
@@ -92,3 +93,11 @@ def test_cutting_a_flattened_gemm_weight_matches_numpy():
     np.testing.assert_array_equal(got, expected)
     removed = removed_positions(layout, kept, channels, channels * hw)
     assert np.all(np.diff(removed) > 0) and len(removed) == 2 * hw
+
+
+@pytest.mark.parametrize("shape, axis", [((5, 7, 3), 0), ((5, 7, 3), 1), ((5, 7, 3), -1), ((4, 6), 1)])
+def test_without_positions_is_np_delete(shape, axis):
+    array = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    positions = np.array([2, 0, 2])[: array.shape[axis]] % array.shape[axis]  # unsorted, repeated
+    np.testing.assert_array_equal(without_positions(array, positions, axis), np.delete(array, positions, axis=axis))
+    assert without_positions(array, np.zeros(0, np.int64), axis).shape == array.shape

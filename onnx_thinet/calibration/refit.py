@@ -22,7 +22,7 @@ from onnx_thinet.calibration.readers import (
 )
 from onnx_thinet.calibration.segments import SegmentRunner
 from onnx_thinet.calibration.windows import conv_geometry, conv_patches, conv_positions
-from onnx_thinet.channels.layout import ChannelGroup, Consumer, removed_positions
+from onnx_thinet.channels.layout import ChannelGroup, Consumer, removed_positions, without_positions
 from onnx_thinet.solve.moments import FitMoments, FitSamples
 from onnx_thinet.solve.threads import blas_threads_for
 
@@ -140,7 +140,7 @@ def _add_refit(entry: ConsumerStats, consumer: Consumer, node, x, ref, weight, b
         ref = ref if isinstance(ref, ReferenceReader) else view.input(ref)
         inputs, targets, image = _conv_refit_rows(view.node, view.input(x), ref, weight, bias, images, rng, kept)
     else:
-        inputs, targets, image = _linear_refit_rows(np.delete(x, lost, axis=axis), ref, weight, bias)
+        inputs, targets, image = _linear_refit_rows(without_positions(x, lost, axis), ref, weight, bias)
     if entry.refit is None:
         _start_refit(entry, consumer, own, lost, len(inputs), images, x.shape[0])
     entry.refit.add(inputs, targets, (first_image + image) % 2 == 1)
@@ -151,11 +151,11 @@ def _start_refit(entry: ConsumerStats, consumer: Consumer, own, lost, rows: int,
     """The consumer's RefitStats, made on its first batch of `rows` rows; its prior is a copy of
     `own` (`_own_weight`) on the inputs it keeps."""
     if consumer.kind.windowed:
-        prior = np.delete(own, lost, axis=1)
+        prior = without_positions(own, lost, 1)
         in_channels = prior.shape[1]
         prior = prior.reshape(prior.shape[0], -1).T
     else:
-        prior = np.delete(own, lost, axis=0)
+        prior = without_positions(own, lost, 0)
         in_channels = prior.shape[0]
     entry.refit = RefitStats(prior.shape[0], prior.shape[1], in_channels, prior.astype(np.float64),
                              columns_kept=True, expected_rows=_refit_rows_expected(rows, images, batch))

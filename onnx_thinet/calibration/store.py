@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onnx_thinet.channels.layout import without_positions
+
 __all__ = ["ActivationStore"]
 
 logger = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ class ActivationStore:
         chunk = stored.chunks[batch]
         array = np.load(chunk, allow_pickle=False) if isinstance(chunk, Path) else chunk
         for axis, positions in stored.deletions:
-            array = np.delete(array, positions, axis=axis % array.ndim)
+            array = without_positions(array, positions, axis)
         return array
 
     def delete_positions(self, name: str, axis: int, positions: np.ndarray) -> None:
