@@ -373,6 +373,31 @@ def test_conv_windows_match_a_padded_copy(attrs, per_image):
     np.testing.assert_array_equal(conv_patches(x, (4, 5, 3, 2), geometry, at)[:, channels], got)
 
 
+@pytest.mark.parametrize("per_image", [1, 200])  # windows gathered element by element, and as whole pixels
+@pytest.mark.parametrize("attrs", [
+    {"pads": [1, 1, 1, 1]},
+    {"pads": [0, 2, 1, 0], "strides": [2, 1], "dilations": [2, 1]},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+])
+def test_each_channels_contribution_is_its_window_times_the_sampled_filter(attrs, per_image):
+    from onnx_thinet.calibration.windows import (
+        conv_contributions,
+        conv_geometry,
+        conv_patches,
+        conv_positions,
+    )
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 5, 7, 9)).astype(np.float32)
+    w = rng.standard_normal((4, 5, 3, 2)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 2], **attrs)
+    geometry = conv_geometry(node, x.shape, w.shape)
+    at = conv_positions(3, 4, geometry, per_image, rng)
+    windows = conv_patches(x, w.shape, geometry, at).astype(np.float64)
+    want = np.einsum("sckl,sckl->sc", windows, w[at.unit].astype(np.float64))
+    np.testing.assert_allclose(conv_contributions(x, w, geometry, at), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("attrs", [
     {"pads": [1, 1, 1, 1]},
     {"pads": [0, 2, 1, 0], "strides": [2, 1], "dilations": [2, 1]},

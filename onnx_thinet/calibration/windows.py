@@ -94,7 +94,11 @@ def conv_contributions(
     Returns (S, C_in): Σ over the kernel window of W[f, c] · x[c, window], zero padding
     included, so each row sums to the conv output minus bias.
     """
-    patches = conv_patches(x, weight.shape, geometry, at)
+    x = x[:, :, None, :] if x.ndim == 3 else x
+    pixel, inside = _window_pixels(x.shape, weight.shape, geometry, at)
+    if _dense(pixel, x.shape):
+        return _contributions_channels_last(x, weight, pixel, inside, at)
+    patches = _masked(_gather_elements(x, pixel, np.arange(x.shape[1])), inside)
     weight = weight.reshape(weight.shape[0], weight.shape[1], -1)
     patches = patches.reshape(len(patches), patches.shape[1], -1)
     out = np.empty(patches.shape[:2], np.float64)
@@ -102,6 +106,27 @@ def conv_contributions(
     for start in range(0, len(patches), step):
         rows = slice(start, start + step)
         out[rows] = np.einsum("sck,sck->sc", patches[rows], weight[at.unit[rows]])
+    return out
+
+
+def _contributions_channels_last(x: np.ndarray, weight: np.ndarray, pixel: np.ndarray, inside: np.ndarray,
+                                 at: Positions) -> np.ndarray:
+    """`conv_contributions` from whole pixels of a channels-last copy, windows and filters kept
+    as (S, kh·kw, C): no transposing copy of the gathered windows into (S, C, kh, kw) (ResNet-50's
+    7² layer, 5,120 samples of 512 channels: 122 → 82 ms)."""
+    n, c, h, w = x.shape
+    table = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(n * h * w, c)
+    filters = np.ascontiguousarray(weight.reshape(weight.shape[0], c, -1).transpose(0, 2, 1))  # (F, k, C)
+    pixel, inside = pixel.reshape(len(pixel), -1), inside.reshape(len(inside), -1)
+    out = np.empty((len(pixel), c), np.float64)
+    step = max(1, _GATHER_ELEMENTS // max(pixel.shape[1] * c, 1))
+    for start in range(0, len(pixel), step):
+        block = slice(start, start + step)
+        windows = table[pixel[block]]  # (s, k, C)
+        border = np.flatnonzero(~inside[block].all(axis=1))
+        if len(border):
+            windows[border] = np.where(inside[block][border][:, :, None], windows[border], 0)
+        out[block] = np.einsum("skc,skc->sc", windows, filters[at.unit[block]])
     return out
 
 
@@ -153,21 +178,38 @@ def conv_patches(x: np.ndarray, weight_shape, geometry: ConvGeometry, at: Positi
     No padded copy of the activation (0.4 GB per batch on VGG-16's first layers): places in the
     padding are clipped, gathered and zeroed; the work is in proportion to the windows.
     """
-    if x.ndim == 3:
-        x = x[:, :, None, :]
-    _, c, h, w = x.shape
+    x = x[:, :, None, :] if x.ndim == 3 else x
+    pixel, inside = _window_pixels(x.shape, weight_shape, geometry, at)
+    picked = None if channels is None else np.asarray(channels, np.int64)
+    if _dense(pixel, x.shape):
+        out = _gather_pixels(x, pixel, picked)
+    else:
+        out = _gather_elements(x, pixel, np.arange(x.shape[1]) if picked is None else picked)
+    return _masked(out, inside)
+
+
+def _window_pixels(x_shape, weight_shape, geometry: ConvGeometry, at: Positions) -> tuple[np.ndarray, np.ndarray]:
+    """Each window's places as indices into the N·H·W pixels (clipped into the map), (S, kh, kw),
+    and which of them lie inside it (the others are padding)."""
+    _, _, h, w = x_shape
     kh, kw = (1, weight_shape[2]) if len(weight_shape) == 3 else tuple(weight_shape[2:])
     (dh, dw) = geometry.dilations
     ys = at.top[:, None].astype(np.int64) + np.arange(kh) * dh  # (S, kh), padding: outside [0, h)
     xs = at.left[:, None].astype(np.int64) + np.arange(kw) * dw
     inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]  # (S, kh, kw)
     pixel = (np.clip(ys, 0, h - 1) * w)[:, :, None] + np.clip(xs, 0, w - 1)[:, None, :]
-    pixel += (at.row.astype(np.int64) * (h * w))[:, None, None]  # index into the N·H·W places
-    picked = None if channels is None else np.asarray(channels, np.int64)
-    if pixel.size * PIXEL_GATHER_COVERAGE >= x.shape[0] * h * w:
-        out = _gather_pixels(x, pixel, picked)
-    else:
-        out = _gather_elements(x, pixel, np.arange(c) if picked is None else picked)
+    pixel += (at.row.astype(np.int64) * (h * w))[:, None, None]
+    return pixel, inside
+
+
+def _dense(pixel: np.ndarray, x_shape) -> bool:
+    """Windows that cover a batch's places often enough to gather them as whole pixels."""
+    n, _, h, w = x_shape
+    return pixel.size * PIXEL_GATHER_COVERAGE >= n * h * w
+
+
+def _masked(out: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Windows (S, C, kh, kw) with their places in the padding zeroed."""
     border = np.flatnonzero(~inside.all(axis=(1, 2)))  # windows reaching into the padding
     if len(border):  # only they are masked (a quarter of a 14² map's windows; a pass over all took 3x)
         out[border] = np.where(inside[border][:, None], out[border], 0)
