@@ -475,3 +475,18 @@ def test_openblas_threads_do_not_spin_by_the_time_numpy_loads_unless_the_user_ch
     done = subprocess.run([sys.executable, "-c", _NUMPY_SPY], env=env, capture_output=True, text=True,
                           check=True)
     assert done.stdout.split() == [chosen or "4"]
+
+
+@pytest.mark.parametrize("odd", [[0, 0, 0, 1, 1], [1, 1, 0, 0, 0], [0, 1, 0, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+def test_refit_rows_reach_the_fold_of_their_image_whether_grouped_or_not(odd):
+    from onnx_thinet.calibration.refit import RefitStats
+
+    rng = np.random.default_rng(9)
+    inputs, targets = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    odd = np.array(odd, dtype=bool)
+    stats = RefitStats(3, 2, 3, np.zeros((3, 2)))
+    stats.add(inputs, targets, odd)
+    for fold, rows in zip(stats.folds, (~odd, odd)):
+        assert fold.count == rows.sum()
+        np.testing.assert_allclose(fold.gram, inputs[rows].T @ inputs[rows])
+        np.testing.assert_allclose(fold.cross, inputs[rows].T @ targets[rows])

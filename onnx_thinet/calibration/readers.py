@@ -56,9 +56,10 @@ class ReferenceReader:
         return out.astype(np.float64) - (np.take(self.bias, units) if np.ndim(self.bias) else self.bias)
 
     def rows(self, geometry: ConvGeometry, at: Positions) -> np.ndarray:
-        """Every filter's output (bias included) at the sampled windows."""
+        """Every filter's output (bias included) at the sampled windows, in the output's own
+        precision (the moments take float32 from 256 unknowns on: a float64 copy was cast back)."""
         filters = np.arange(self.weight.shape[0]) if self.filters is None else np.asarray(self.filters)
-        return _known(conv_output_rows(self.output, geometry, at, filters)).astype(np.float64)
+        return _known(conv_output_rows(self.output, geometry, at, filters))
 
 
 def _known(values: np.ndarray | None) -> np.ndarray:
