@@ -346,13 +346,29 @@ def test_each_layer_runs_once_per_network_in_every_family(family, monkeypatch):
     assert result.groups and all(g.channels_after < g.channels_before for g in result.groups)
 
 
-# one window per image is gathered element by element, more pixel by pixel
-@pytest.mark.parametrize("per_image", [1, 3, 200])
-@pytest.mark.parametrize("attrs", [
+# pads on both sides, strides with dilations, and onnxruntime's own SAME padding
+_CONV_WINDOW_ATTRS = [
     {"pads": [1, 1, 1, 1]},
     {"pads": [0, 2, 1, 0], "strides": [2, 1], "dilations": [2, 1]},
     {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
-])
+]
+
+
+def _sampled_conv(attrs, per_image: int, seed: int, bias: bool = False):
+    """A 5→4 channel 3x2 Conv on 3 images of 7x9, its geometry and sampled windows."""
+    from onnx_thinet.calibration.windows import conv_geometry, conv_positions
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3, 5, 7, 9)).astype(np.float32)
+    w = rng.standard_normal((4, 5, 3, 2)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"] if bias else ["x", "w"], ["y"], kernel_shape=[3, 2], **attrs)
+    geometry = conv_geometry(node, x.shape, w.shape)
+    return x, w, node, geometry, conv_positions(3, 4, geometry, per_image, rng)
+
+
+# one window per image is gathered element by element, more pixel by pixel
+@pytest.mark.parametrize("per_image", [1, 3, 200])
+@pytest.mark.parametrize("attrs", _CONV_WINDOW_ATTRS)
 def test_conv_windows_match_a_padded_copy(attrs, per_image):
     """`conv_patches` (no padded copy, a channel subset) against slicing a zero-padded input."""
     from onnx_thinet.calibration.windows import conv_geometry, conv_patches, conv_positions
@@ -374,59 +390,36 @@ def test_conv_windows_match_a_padded_copy(attrs, per_image):
 
 
 @pytest.mark.parametrize("per_image", [1, 200])  # windows gathered element by element, and as whole pixels
-@pytest.mark.parametrize("attrs", [
-    {"pads": [1, 1, 1, 1]},
-    {"pads": [0, 2, 1, 0], "strides": [2, 1], "dilations": [2, 1]},
-    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
-])
+@pytest.mark.parametrize("attrs", _CONV_WINDOW_ATTRS)
 def test_each_channels_contribution_is_its_window_times_the_sampled_filter(attrs, per_image):
-    from onnx_thinet.calibration.windows import (
-        conv_contributions,
-        conv_geometry,
-        conv_patches,
-        conv_positions,
-    )
+    """Selection's per-channel contributions, from either gather, are each channel's window
+    times the sampled filter's weights there."""
+    from onnx_thinet.calibration.windows import conv_contributions, conv_patches
 
-    rng = np.random.default_rng(8)
-    x = rng.standard_normal((3, 5, 7, 9)).astype(np.float32)
-    w = rng.standard_normal((4, 5, 3, 2)).astype(np.float32)
-    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 2], **attrs)
-    geometry = conv_geometry(node, x.shape, w.shape)
-    at = conv_positions(3, 4, geometry, per_image, rng)
+    x, w, _, geometry, at = _sampled_conv(attrs, per_image, seed=8)
     windows = conv_patches(x, w.shape, geometry, at).astype(np.float64)
     want = np.einsum("sckl,sckl->sc", windows, w[at.unit].astype(np.float64))
     np.testing.assert_allclose(conv_contributions(x, w, geometry, at), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attrs", [
-    {"pads": [1, 1, 1, 1]},
-    {"pads": [0, 2, 1, 0], "strides": [2, 1], "dilations": [2, 1]},
-    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
-])
+@pytest.mark.parametrize("attrs", _CONV_WINDOW_ATTRS)
 def test_a_conv_output_read_at_sampled_windows_is_the_sum_of_their_contributions(attrs):
     """The reference's targets come from onnxruntime's Conv output at the sampled places: they
     must be what the windows and the weight give there (bias included)."""
     from onnx_thinet.calibration.windows import (
         conv_contributions,
-        conv_geometry,
         conv_output_rows,
         conv_output_samples,
         conv_patches,
-        conv_positions,
     )
 
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal((3, 5, 7, 9)).astype(np.float32)
-    w = rng.standard_normal((4, 5, 3, 2)).astype(np.float32)
-    b = rng.standard_normal(4).astype(np.float32)
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 2], **attrs)
+    x, w, node, geometry, at = _sampled_conv(attrs, 20, seed=7, bias=True)
+    b = np.random.default_rng(7).standard_normal(4).astype(np.float32)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
                               [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    geometry = conv_geometry(node, x.shape, w.shape)
-    at = conv_positions(3, 4, geometry, 20, rng)
     sums = conv_contributions(x, w, geometry, at).sum(axis=1) + b[at.unit]
     np.testing.assert_allclose(conv_output_samples(y, geometry, at, at.unit), sums, rtol=1e-5, atol=1e-5)
     filters = np.array([3, 0, 2])
