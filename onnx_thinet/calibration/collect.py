@@ -128,13 +128,9 @@ def channel_statistics(
     tensors = sorted({c.input for g in groups for c in g.consumers})
     consumers = [c for g in groups for c in g.consumers]
     current.ensure(model, tensors)
-    outputs = reference_outputs(reference_model, consumers) if reference is not None else {}
-    ref_tensors = sorted(read_from_reference(consumers, outputs)) if reference is not None else []
-    if reference is not None:
-        reference.ensure(reference_model, ref_tensors)
+    outputs, ref_tensors, ref_weights, ref_biases = _reference_side(reference, reference_model, consumers,
+                                                                    kept_outputs)
     weights = {c.node: consumer_weight(model, c) for c in consumers}
-    ref_weights = reference_weights(reference_model, consumers, kept_outputs) if reference else {}
-    ref_biases = {c.node: consumer_bias(reference_model, c) for c in consumers if c.node in outputs}
     nodes = {n.name: n for n in model.graph.node}
     stats = {g.producer: {c.node: ConsumerStats(g.channels) for c in g.consumers} for g in groups}
     rng = np.random.default_rng(seed)
@@ -166,6 +162,19 @@ def channel_statistics(
     for (producer, node), moments in exact.items():
         moments.finish(stats[producer][node])
     return stats
+
+
+def _reference_side(reference: SegmentRunner | None, reference_model, consumers, kept_outputs):
+    """What a sweep reads from the original network, computed there: the plain Conv readers'
+    output tensors, the tensors to read, the readers' weights (filters still kept) and biases."""
+    if reference is None:
+        return {}, [], {}, {}
+    outputs = reference_outputs(reference_model, consumers)
+    tensors = sorted(read_from_reference(consumers, outputs))
+    reference.ensure(reference_model, tensors)
+    weights = reference_weights(reference_model, consumers, kept_outputs)
+    biases = {c.node: consumer_bias(reference_model, c) for c in consumers if c.node in outputs}
+    return outputs, tensors, weights, biases
 
 
 def _add_channel_samples(entry: ConsumerStats, channels: int, consumer: Consumer, node, x, weight,
