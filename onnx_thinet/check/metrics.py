@@ -113,8 +113,8 @@ def _static(shape) -> bool:
 
 
 def _fill_runtime_shapes(model: onnx.ModelProto, index: GraphIndex, nodes, shapes: Shapes) -> None:
-    """Shapes of costed tensors that inference missed, from one onnxruntime run of `model` (with
-    its weights) on zeros of `shapes`."""
+    """Shapes of costed tensors that inference missed, from one onnxruntime run on zeros of
+    `shapes` (of `model` sized to them, with its weights: copied only here, where needed)."""
     missing = sorted({name for n in nodes for name in (n.input[0], n.output[0])
                       if not _static(index.shapes.get(name)) and name not in index.initializers})
     if not missing:
@@ -123,6 +123,7 @@ def _fill_runtime_shapes(model: onnx.ModelProto, index: GraphIndex, nodes, shape
     from onnx_thinet.io.feeds import ONNX_TO_NUMPY
 
     try:
+        model = static_input_shapes(model, shapes)
         feeds = {i.name: np.zeros(shapes[i.name], ONNX_TO_NUMPY.get(i.type.tensor_type.elem_type, np.float32))
                  for i in graph_inputs(model)}
         values = run_model(truncated_model(model, missing), feeds, missing)
